@@ -1,0 +1,47 @@
+# cluster-backup: `make demo` runs it, `make test` tests it.  Both set up what
+# they need: a virtual environment in .venv and rsync (apt-get when missing).
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: demo test test-fast trial bench rsync venv clean
+
+venv: $(STAMP)
+
+# Editable in "compat" mode so twistd finds twisted/plugins in this tree.
+$(STAMP): pyproject.toml setup.cfg
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { \
+	  echo "venv needs python3-venv; installing it"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv \
+	  && $(PYTHON) -m venv $(VENV); }
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	touch $(STAMP)
+
+rsync:
+	@command -v rsync >/dev/null || { \
+	  echo "installing rsync"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsync; }
+
+demo: $(STAMP) rsync
+	$(VENV)/bin/cbackup check -c conf/cluster.conf
+	$(VENV)/bin/cbackup check -c conf/cluster.yaml --json
+
+test: $(STAMP) rsync
+	HYPOTHESIS_PROFILE=ci $(PY) -m pytest
+	HYPOTHESIS_PROFILE=ci $(PY) -m twisted.trial tests
+
+test-fast: $(STAMP) rsync
+	$(PY) -m pytest -m "not slow" -q
+
+trial: $(STAMP) rsync
+	$(PY) -m twisted.trial tests
+
+bench: $(STAMP) rsync
+	@ls benchmarks/bench_*.py >/dev/null 2>&1 || { echo "no benchmarks yet"; exit 0; }
+	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis _trial_temp* *.egg-info twisted/plugins/dropin.cache

@@ -1,0 +1,76 @@
+"""
+Advice about a valid config: what a careful operator wants to hear before
+deploying it.  Pure functions over a L{Cluster} (and, when known, the
+measured size of sources), returning plain sentences.
+"""
+
+from __future__ import annotations
+
+
+from typing import Mapping, Optional
+
+from cluster_backup.config import Cluster
+from cluster_backup.units import human_size
+
+
+def _inside(inner: str, outer: str) -> bool:
+    return inner == outer or inner.startswith(outer.rstrip("/") + "/")
+
+
+def warnings(cluster: Cluster, source_bytes: Optional[Mapping[str, int]] = None) -> list[str]:
+    """
+    Warnings for C{cluster}.  C{source_bytes} maps source ids to their
+    measured size where that is known (C{cbackup check --measure} on the
+    source's host); the quota check runs only for those.
+    """
+    out: list[str] = []
+    for source in cluster.sources:
+        hosts = {store.host for store in cluster.stores_for(source)}
+        if source.copies > len(hosts):
+            out.append(
+                f"source {source.id} wants {source.copies} copies but only "
+                f"{len(hosts)} distinct backup host(s) back it up; copies are "
+                f"counted per host, so at most {len(hosts)} can exist")
+    for store in cluster.stores:
+        for source in cluster.sources_on(store.host):
+            if _inside(store.path, source.path) or _inside(source.path, store.path):
+                out.append(
+                    f"backup {store.id} overlaps source {source.id} on the same "
+                    "host: a copy there is lost with the source's disk, and the "
+                    "server never scans the store's folder")
+    if source_bytes:
+        out += _quota_warnings(cluster, source_bytes)
+    if cluster.options.secret is None and cluster.options.secret_file is None:
+        out.append(
+            "no SECRET or SECRET FILE: any machine that can reach PORT "
+            f"{cluster.options.port} can join as a backup client and read the "
+            "sources; set a shared secret")
+    return out
+
+
+def _quota_warnings(cluster: Cluster, source_bytes: Mapping[str, int]) -> list[str]:
+    out = []
+    for source in cluster.sources:
+        if source.id not in source_bytes:
+            continue
+        stores = cluster.stores_for(source)
+        if any(store.size is None for store in stores):
+            continue  # a reserve store's room depends on its disk: unknowable here
+        wanted = source.copies * source_bytes[source.id]
+        room = sum(store.size for store in stores)
+        if wanted > room:
+            out.append(
+                f"source {source.id} holds {human_size(source_bytes[source.id])}; "
+                f"{source.copies} copies need {human_size(wanted)} but its backups "
+                f"have {human_size(room)} of quota in all")
+    needed = sum(s.copies * source_bytes[s.id] for s in cluster.sources if s.id in source_bytes)
+    if all(s.id in source_bytes for s in cluster.sources) and all(
+            st.size is not None for st in cluster.stores):
+        total = sum(st.size for st in cluster.stores)
+        if needed > total:
+            out.append(
+                f"all copies of all sources need {human_size(needed)} but the "
+                f"backups have {human_size(total)} of quota in all")
+    return out
+
+

@@ -1,0 +1,168 @@
+"""
+The C{cbackup} command: tools for the operator.
+
+C{cbackup check -c FILE [--host NAME] [--json]} reads a config and prints
+what it understood, with warnings; exit 0 when valid, 2 when not (one
+C{FILE:LINE: problem} per line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence, TextIO
+
+from cluster_backup import checks
+from cluster_backup.config import Cluster, ConfigError, load
+from cluster_backup.identity import identify
+from cluster_backup.units import format_duration, human_size
+
+EXIT_OK = 0
+EXIT_BAD_CONFIG = 2
+
+
+def _roles(cluster: Cluster, host: Optional[str]) -> list[str]:
+    if host is None:
+        return []
+    roles = []
+    if cluster.sources_on(host):
+        roles.append("server")
+    if cluster.stores_on(host):
+        roles.append("client")
+    return roles
+
+
+def describe(cluster: Cluster, host: Optional[str], host_note: Optional[str] = None) -> dict:
+    """What C{check --json} prints: plain data, no secret."""
+    o = cluster.options
+    return {
+        "config": cluster.filename,
+        "options": {
+            "port": o.port,
+            "rsync_port": o.rsync_port,
+            "secret": o.secret is not None or o.secret_file is not None,
+            "secret_file": o.secret_file,
+            "bwlimit": o.bwlimit,
+            "rescan": o.rescan,
+            "report_interval": o.report_interval,
+            "dead_after": o.dead_after,
+            "transport": o.transport,
+        },
+        "sources": [
+            {
+                "host": s.host,
+                "path": s.path,
+                "copies": s.copies,
+                "rescan": s.rescan if s.rescan is not None else o.rescan,
+                "exclude": list(s.exclude),
+                "keep_deleted": s.keep_deleted,
+                "address": cluster.address_of(s.host),
+                "backed_up_by": [st.id for st in cluster.stores_for(s)],
+            }
+            for s in cluster.sources
+        ],
+        "stores": [
+            {
+                "host": s.host,
+                "path": s.path,
+                "size": s.size,
+                "reserve": s.reserve,
+                "ignore_sources": list(s.ignore_sources),
+                "address": cluster.address_of(s.host),
+            }
+            for s in cluster.stores
+        ],
+        "host": host,
+        "host_note": host_note,
+        "roles": _roles(cluster, host),
+        "warnings": checks.warnings(cluster),
+    }
+
+
+def print_text(info: dict, out: TextIO) -> None:
+    """The human form of L{describe}'s data."""
+    o = info["options"]
+    bw = f"{human_size(o['bwlimit'])}/s" if o["bwlimit"] else "unlimited"
+    secret = f"from {o['secret_file']}" if o["secret_file"] else ("set" if o["secret"] else "none")
+    print(f"config {info['config']}: valid", file=out)
+    print(f"options: PORT {o['port']}, RSYNC PORT {o['rsync_port']}, "
+          f"TRANSPORT {o['transport']}, SECRET {secret}, BWLIMIT {bw}, "
+          f"RESCAN {format_duration(o['rescan'])}, "
+          f"REPORT INTERVAL {format_duration(o['report_interval'])}, "
+          f"DEAD AFTER {format_duration(o['dead_after'])}", file=out)
+    print(f"sources ({len(info['sources'])}):", file=out)
+    for s in info["sources"]:
+        extra = f", exclude {', '.join(s['exclude'])}" if s["exclude"] else ""
+        print(f"  {s['host']}:{s['path']}  copies {s['copies']}, "
+              f"rescan {format_duration(s['rescan'])}, "
+              f"keep deleted {format_duration(s['keep_deleted'])}, "
+              f"{len(s['backed_up_by'])} backup(s){extra}", file=out)
+    print(f"backups ({len(info['stores'])}):", file=out)
+    for s in info["stores"]:
+        if s["size"] is not None:
+            room = f"size {human_size(s['size'])} ({s['size']} bytes)"
+        else:
+            room = f"reserve {human_size(s['reserve'])} ({s['reserve']} bytes) free"
+        ignore = f", ignores {', '.join(s['ignore_sources'])}" if s["ignore_sources"] else ""
+        print(f"  {s['host']}:{s['path']}  {room}{ignore}", file=out)
+    if info["host"]:
+        roles = " and ".join(info["roles"])
+        print(f"this host: {info['host']} ({roles})", file=out)
+    else:
+        print(f"this host: {info['host_note']}", file=out)
+    if info["warnings"]:
+        print(f"warnings ({len(info['warnings'])}):", file=out)
+        for w in info["warnings"]:
+            print(f"  - {w}", file=out)
+
+
+def cmd_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    try:
+        cluster = load(args.config)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(problem, file=err)
+        return EXIT_BAD_CONFIG
+    note = None
+    try:
+        host = identify(cluster, args.host)
+    except ConfigError as e:
+        if args.host is not None:
+            for problem in e.problems:
+                print(problem, file=err)
+            return EXIT_BAD_CONFIG
+        host, note = None, e.problems[0].split(": ", 1)[1]
+    if host is None and note is None:
+        note = "not in this config (no role here); use --host NAME to check a host's view"
+    info = describe(cluster, host, note)
+    if args.json:
+        json.dump(info, out, indent=2)
+        out.write("\n")
+    else:
+        print_text(info, out)
+    return EXIT_OK
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cbackup",
+        description="cluster-backup: operator tools.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    check = sub.add_parser("check", help="check a config and print what it means")
+    check.add_argument("-c", "--config", required=True, help="the cluster config file")
+    check.add_argument("--host", help="check as this host of the config")
+    check.add_argument("--json", action="store_true", help="print one JSON object")
+    check.set_defaults(func=cmd_check)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout,
+         err: TextIO = sys.stderr) -> int:
+    """Entry point of the C{cbackup} console script."""
+    args = parser().parse_args(argv)
+    return args.func(args, out, err)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""
+C{twistd -n cbackup-client -c cluster.conf [--host NAME]}: fill every store
+of this host from the servers.
+"""
+
+from __future__ import annotations
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from cluster_backup.config import Cluster
+from cluster_backup.tapbase import ClusterOptions
+
+
+class Options(ClusterOptions):
+    """Options of C{cbackup-client}."""
+
+    synopsis = "-c FILE [--host NAME]"
+    longdesc = "Fill this host's stores (backup: lines) from the servers."
+
+    def check_role(self, cluster: Cluster, host: str) -> None:
+        if not cluster.stores_on(host):
+            raise usage.UsageError(
+                f"host {host} has no stores (backup: lines) in "
+                f"{self['config']}: nothing to fill")
+
+
+def makeService(options: Options) -> IService:
+    """Build the client's service tree; nothing connects until it starts."""
+    raise SystemExit(
+        "cbackup-client: the client is not built yet in this version "
+        "(the config is valid; see `cbackup check`)")

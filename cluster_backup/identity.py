@@ -1,0 +1,94 @@
+"""
+Which host of the config is this machine?
+
+The same config goes to every host, so each process must find itself in it:
+by C{--host NAME} when given, else by matching the config's host names
+against this machine's names, else by finding which configured addresses
+belong to this machine (an address is ours when we can bind a socket to it).
+Exactly one match is needed; none or several is a clear error asking for
+C{--host}.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from typing import Callable, Iterable, Optional
+
+from cluster_backup.config import Cluster, ConfigError
+
+
+def local_names() -> set[str]:
+    """This machine's host names: short, as configured, and fully qualified."""
+    names = {socket.gethostname()}
+    try:
+        names.add(socket.getfqdn())
+    except OSError:  # pragma: no cover - depends on the resolver
+        pass
+    names |= {name.split(".")[0] for name in list(names)}
+    return {name.lower() for name in names if name}
+
+
+def is_local_address(address: str) -> bool:
+    """True when C{address} is an address of this machine (we can bind it)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.bind((address.strip("[]"), 0))
+    except OSError as e:
+        if e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EINVAL):
+            return False
+        raise
+    return True
+
+
+def _resolve(host: str) -> list[str]:
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return []
+    return sorted({info[4][0] for info in infos})
+
+
+def identify(
+    cluster: Cluster,
+    name: Optional[str] = None,
+    *,
+    names: Optional[Iterable[str]] = None,
+    resolve: Callable[[str], list[str]] = _resolve,
+    is_local: Callable[[str], bool] = is_local_address,
+) -> Optional[str]:
+    """
+    The config host this process runs as, or None when no host matches
+    (a machine with no role).  Raises L{ConfigError} when C{name} is not in
+    the config, or when several hosts match and C{--host} must choose.
+
+    C{names}, C{resolve} and C{is_local} are this machine's facts; tests
+    pass their own.
+    """
+    hosts = cluster.hosts()
+    if name is not None:
+        if name in hosts:
+            return name
+        raise ConfigError([
+            f"{cluster.filename}: --host {name} is not a host of this config "
+            f"(hosts: {', '.join(hosts) or 'none'})"])
+    mine = {n.lower() for n in (local_names() if names is None else names)}
+    by_name = [h for h in hosts if h.lower() in mine or h.lower().split(".")[0] in mine]
+    if len(by_name) == 1:
+        return by_name[0]
+    candidates = by_name or hosts
+    by_address = []
+    for host in candidates:
+        address = cluster.address_of(host)
+        addresses = [address] if address != host else resolve(host)
+        if any(is_local(a) for a in addresses):
+            by_address.append(host)
+    if len(by_address) == 1:
+        return by_address[0]
+    if len(by_address) > 1 or len(by_name) > 1:
+        several = by_address or by_name
+        raise ConfigError([
+            f"{cluster.filename}: this machine matches several hosts "
+            f"({', '.join(several)}); choose one with --host NAME"])
+    return None

@@ -1,0 +1,28 @@
+"""
+Tests for cluster-backup.
+
+Unit tests are C{SynchronousTestCase}s with fakes, L{Clock} and iosim, so they
+run under both pytest and trial.  Tests that start real processes are marked
+C{slow} for pytest (C{make test-fast} skips them); CI runs everything.
+
+One hypothesis profile for the whole suite, chosen by C{HYPOTHESIS_PROFILE}
+(default C{"default"}; C{"ci"} is the same but derandomized).
+"""
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "default",
+    deadline=None,
+    max_examples=100,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "ci",
+    parent=settings.get_profile("default"),
+    derandomize=True,
+    print_blob=True,
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))

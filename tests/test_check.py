@@ -1,0 +1,245 @@
+"""
+Tests for C{cbackup check}, host identity, the warnings, the twistd options
+and the plugins.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+from twisted.application.service import IServiceMaker
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from cluster_backup import checks, client_tap, server_tap
+from cluster_backup.cli import main
+from cluster_backup.config import ConfigError, loads
+from cluster_backup.identity import identify
+from tests.test_config import SEED
+
+
+def run(argv) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = main(argv, out, err)
+    return code, out.getvalue(), err.getvalue()
+
+
+class CheckCommandTests(SynchronousTestCase):
+    def write(self, text: str, name: str = "cluster.conf") -> str:
+        folder = self.mktemp()
+        os.makedirs(folder)
+        path = os.path.join(folder, name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_json(self):
+        code, out, err = run(["check", "-c", self.write(SEED), "--json"])
+        self.assertEqual((code, err), (0, ""))
+        info = json.loads(out)
+        self.assertEqual(
+            [(s["host"], s["path"], s["copies"]) for s in info["sources"]],
+            [("host1", "/path/to/directory", 2), ("host2", "/path/to/otherdir", 1)])
+        self.assertEqual(
+            [(s["host"], s["path"], s["size"], s["reserve"]) for s in info["stores"]],
+            [("host3", "/path/for/backups", 100 * 2**30, None),
+             ("host4", "/path/for/backups", 2**40, None)])
+        self.assertEqual(info["options"]["port"], 5005)
+        self.assertEqual(info["roles"], [])
+        self.assertIsInstance(info["warnings"], list)
+
+    def test_text_and_roles(self):
+        path = self.write(SEED + "backup: host1:/backups\nreserve: 10g\n")
+        code, out, err = run(["check", "-c", path, "--host", "host1"])
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("host1:/path/to/directory  copies 2", out)
+        self.assertIn("host3:/path/for/backups  size 100G (107374182400 bytes)", out)
+        self.assertIn("host1:/backups  reserve 10G", out)
+        self.assertIn("this host: host1 (server and client)", out)
+
+    def test_secret_never_printed(self):
+        path = self.write("SECRET: correct-horse-battery\n" + SEED)
+        for argv in (["check", "-c", path], ["check", "-c", path, "--json"]):
+            code, out, err = run(argv)
+            self.assertEqual(code, 0)
+            self.assertNotIn("correct-horse", out + err)
+
+    def test_bad_config_exit_2_one_line_per_problem(self):
+        folder = self.mktemp()
+        os.makedirs(folder)
+        path = os.path.join(folder, "bad.conf")
+        with open(path, "w") as f:
+            f.write(SEED.replace("copies: 2", "copies: 0").replace("size: 1t", "size: huge"))
+        code, out, err = run(["check", "-c", path])
+        self.assertEqual(code, 2)
+        self.assertEqual(out, "")
+        self.assertEqual(err.splitlines(), [
+            f"{path}:3: copies: must be at least 1, got 0",
+            f"{path}:9: size: bad size 'huge': expected a number with an optional "
+            "unit k, m, g, t or p (e.g. 100gb, 1t, 512m)"])
+        self.assertEqual(os.listdir(folder), ["bad.conf"])  # nothing written
+
+    def test_unknown_host(self):
+        code, out, err = run(["check", "-c", self.write(SEED), "--host", "host9"])
+        self.assertEqual(code, 2)
+        self.assertIn("--host host9 is not a host of this config", err)
+
+    def test_console_script_no_traceback(self):
+        """The installed command, run as a process, gives the line and no traceback."""
+        path = self.write(SEED + "colour: red\n")
+        result = subprocess.run(
+            [sys.executable, "-m", "cluster_backup.cli", "check", "-c", path],
+            capture_output=True, text=True)
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(result.stderr.strip(),
+                         f"{path}:10: unknown key 'colour' in a backup: block; "
+                         "known keys: size, reserve, ignore source, address")
+        self.assertNotIn("Traceback", result.stderr)
+
+
+class WarningTests(SynchronousTestCase):
+    def test_more_copies_than_store_hosts(self):
+        cluster = loads("server: a:/s\ncopies: 3\nbackup: b:/x\nsize: 1g\n"
+                        "backup: b:/y\nsize: 1g\nbackup: c:/z\nsize: 1g\n")
+        found = checks.warnings(cluster)
+        self.assertIn("source a:/s wants 3 copies but only 2 distinct backup host(s) "
+                      "back it up; copies are counted per host, so at most 2 can exist",
+                      found)
+
+    def test_no_warning_when_enough_hosts(self):
+        cluster = loads("SECRET: x\nserver: a:/s\ncopies: 2\nbackup: b:/x\nsize: 1g\n"
+                        "backup: c:/z\nsize: 1g\n")
+        self.assertEqual(checks.warnings(cluster), [])
+
+    def test_store_overlapping_source(self):
+        cluster = loads("SECRET: x\nserver: a:/data\nbackup: a:/data/backups\nsize: 1g\n"
+                        "backup: b:/data\nsize: 1g\n")
+        found = checks.warnings(cluster)
+        self.assertEqual(len(found), 1)
+        self.assertIn("backup a:/data/backups overlaps source a:/data", found[0])
+
+    def test_quota_too_small_when_measured(self):
+        cluster = loads("SECRET: x\nserver: a:/s\ncopies: 2\nbackup: b:/x\nsize: 1g\n"
+                        "backup: c:/z\nsize: 1g\n")
+        self.assertEqual(checks.warnings(cluster, {"a:/s": 2**29}), [])
+        found = checks.warnings(cluster, {"a:/s": 2**30 + 1})
+        self.assertEqual(len(found), 2, found)
+        self.assertIn("2 copies need 2G but its backups have 2G", found[0])
+
+    def test_no_secret(self):
+        self.assertTrue(any("no SECRET" in w for w in checks.warnings(loads(SEED))))
+
+
+class IdentityTests(SynchronousTestCase):
+    cluster = loads(SEED + "backup: lab:/b\nsize: 1g\naddress: 127.0.0.9\n")
+
+    def test_named(self):
+        self.assertEqual(identify(self.cluster, "host2"), "host2")
+
+    def test_named_unknown(self):
+        self.assertRaises(ConfigError, identify, self.cluster, "nope")
+
+    def test_by_hostname(self):
+        found = identify(self.cluster, names={"host3.example.org", "host3"},
+                         resolve=lambda h: [], is_local=lambda a: False)
+        self.assertEqual(found, "host3")
+
+    def test_by_address(self):
+        local = {"127.0.0.9"}
+        found = identify(self.cluster, names={"elsewhere"}, resolve=lambda h: [],
+                         is_local=local.__contains__)
+        self.assertEqual(found, "lab")
+
+    def test_by_resolved_name(self):
+        found = identify(self.cluster, names={"elsewhere"},
+                         resolve=lambda h: ["192.0.2.4"] if h == "host4" else [],
+                         is_local=lambda a: a == "192.0.2.4")
+        self.assertEqual(found, "host4")
+
+    def test_ambiguous(self):
+        with self.assertRaises(ConfigError) as raised:
+            identify(self.cluster, names=set(), resolve=lambda h: ["127.0.0.1"],
+                     is_local=lambda a: True)
+        self.assertIn("choose one with --host NAME", str(raised.exception))
+
+    def test_none(self):
+        self.assertIsNone(identify(self.cluster, names=set(), resolve=lambda h: [],
+                                   is_local=lambda a: False))
+
+    def test_real_loopback_address(self):
+        """127.0.0.9 really is an address of this machine (all of 127/8 is)."""
+        self.assertEqual(identify(loads("server: lab:/s\naddress: 127.0.0.9\n"),
+                                  names=set()), "lab")
+
+
+class TapOptionsTests(SynchronousTestCase):
+    def write(self, text: str) -> str:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_server_options(self):
+        options = server_tap.Options()
+        options.parseOptions(["-c", self.write(SEED), "--host", "host1"])
+        self.assertEqual(options["host"], "host1")
+        self.assertEqual(len(options["cluster"].sources), 2)
+
+    def test_server_host_without_sources(self):
+        options = server_tap.Options()
+        with self.assertRaises(usage.UsageError) as raised:
+            options.parseOptions(["-c", self.write(SEED), "--host", "host3"])
+        self.assertIn("host host3 has no sources", str(raised.exception))
+
+    def test_client_host_without_stores(self):
+        options = client_tap.Options()
+        with self.assertRaises(usage.UsageError) as raised:
+            options.parseOptions(["-c", self.write(SEED), "--host", "host1"])
+        self.assertIn("host host1 has no stores", str(raised.exception))
+
+    def test_bad_config_names_line(self):
+        path = self.write(SEED.replace("size: 100gb", "size: 100 gallons"))
+        for tap in (server_tap, client_tap):
+            with self.assertRaises(usage.UsageError) as raised:
+                tap.Options().parseOptions(["-c", path, "--host", "host1"])
+            self.assertIn(f"{path}:7: size: bad size", str(raised.exception))
+
+    def test_config_required(self):
+        self.assertRaises(usage.UsageError, server_tap.Options().parseOptions, [])
+
+
+class PluginTests(SynchronousTestCase):
+    def test_plugins_discovered(self):
+        names = {p.tapname for p in getPlugins(IServiceMaker)}
+        self.assertTrue({"cbackup-server", "cbackup-client"} <= names, names)
+
+    def twistd(self, *args) -> subprocess.CompletedProcess:
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        cwd = self.mktemp()
+        os.makedirs(cwd)
+        return subprocess.run([twistd, *args], capture_output=True, text=True, timeout=60,
+                              cwd=cwd)
+
+    def test_twistd_help_lists_plugins(self):
+        result = self.twistd("--help")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("cbackup-server", result.stdout)
+        self.assertIn("cbackup-client", result.stdout)
+
+    def test_twistd_bad_config_no_traceback(self):
+        path = self.write_bad()
+        result = self.twistd("-n", "cbackup-server", "-c", path, "--host", "host1")
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn(f"{path}:3: copies: must be at least 1", result.stdout + result.stderr)
+        self.assertNotIn("Traceback", result.stdout + result.stderr)
+
+    def write_bad(self) -> str:
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write(SEED.replace("copies: 2", "copies: 0"))
+        return path
