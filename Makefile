@@ -30,8 +30,8 @@ demo: $(STAMP) rsync
 	$(VENV)/bin/cbackup check -c conf/cluster.yaml --json
 
 test: $(STAMP) rsync
-	HYPOTHESIS_PROFILE=ci $(PY) -m pytest
 	HYPOTHESIS_PROFILE=ci $(PY) -m twisted.trial tests
+	HYPOTHESIS_PROFILE=ci $(PY) -m pytest
 
 test-fast: $(STAMP) rsync
 	$(PY) -m pytest -m "not slow" -q
