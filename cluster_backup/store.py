@@ -1,0 +1,608 @@
+"""
+A store on disk: one backup directory, its layout, inventory, usage, quota
+and orphans (DESIGN.md rules 1, 6 and 7).
+
+Layout (rule 6): file C{RELPATH} of source C{shost:/spath} lives at
+C{<store>/<shost>/<spath without its leading />/<RELPATH>}, so a plain
+C{cp -a} of those folders is a restore.  The store's own state lives in
+C{<store>/.cbackup/}: C{partial/} (rsync's C{--partial-dir}), C{orphans}
+(when each orphan was first seen, so a restart does not reset the clock) and
+short-lived temp files.  Host names cannot start with a dot (config's
+C{_HOST}), so no source can ever map onto C{.cbackup}.
+
+Usage (rule 1) is what C{du -sb <store>} prints: the apparent sizes of every
+file, symlink and directory, the store directory and the state directory
+included.  L{Store.usage} computes exactly that by walking; L{Store.used} is a
+running figure kept equal to it by the store's own operations
+(L{Store.refresh} after rsync touched a path, L{Store.remove},
+L{Store.measure_state}), so the agent need not walk millions of files after
+every batch.  It may only err high (a hard link inside the data is counted
+once per name; C{du} counts it once).
+
+L{Store.cost} bounds what fetching one file can add at its peak; see
+L{DirCosts} for how directory growth is bounded.
+
+All I/O here is blocking and local; the store never writes outside its
+directory: every relative path is checked with L{relpath_problem}, and any
+existing directory on the way from the store root to a file that is a symlink
+(or not a directory) makes the operation fail with L{StoreError}.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from typing import Callable, Iterable, Mapping, Optional, Union
+
+from attrs import frozen
+from twisted.logger import Logger
+
+from .records import FileRecord, relpath_problem
+
+log = Logger()
+
+STATE = b".cbackup"
+PARTIAL = b"partial"
+ORPHANS = b"orphans"
+PROBE = b"probe"
+
+#: Entries created by the directory-growth probe (names of 255 bytes).
+PROBE_ENTRIES = 64
+#: The probe runs only with at least this much room under the quota (its
+#: directory peaks at 64 * 263 bytes of entries: 6 blocks of 4 KiB on ext4).
+PROBE_ROOM = 128 << 10
+#: Smallest per-entry growth bound used, even on a filesystem whose
+#: directories showed no growth in the probe.
+MIN_ENTRY = 64
+
+Pathish = Union[str, bytes]
+
+
+class StoreError(Exception):
+    """A path that would leave the store, cross a symlink, or is malformed."""
+
+
+@frozen
+class DirCosts:
+    """
+    What directories cost on the store's filesystem, in apparent bytes.
+
+    C{new_dir}: C{lstat} size of a fresh empty directory (4096 on ext4, 40 on
+    tmpfs).  C{entry}: an upper bound on how much one directory can grow when
+    one entry is added.  It is twice the largest growth the probe saw while
+    adding L{PROBE_ENTRIES} entries with 255-byte names (the longest a name
+    can be) to a fresh directory: on tmpfs every entry adds 20 (bound 40); on
+    ext4 the first overflow turns the directory into an htree of three
+    blocks (+8192 in one step, later +4096 per leaf split), bound 16384,
+    which also covers the worst single insert (leaf split + index split + a
+    new tree level = 3 blocks).  C{measured} is False when the conservative
+    fallback was used (no room to probe).
+    """
+
+    new_dir: int
+    entry: int
+    measured: bool = True
+
+
+def measure_dir_costs(parent: bytes) -> DirCosts:
+    """Probe C{parent}'s filesystem (see L{DirCosts}); cleans up after itself."""
+    probe = os.path.join(parent, PROBE)
+    if os.path.lexists(probe):
+        shutil.rmtree(probe)
+    os.mkdir(probe)
+    try:
+        new_dir = previous = os.lstat(probe).st_size
+        step = 0
+        for i in range(PROBE_ENTRIES):
+            name = b"%03d" % i + b"x" * 252
+            os.close(os.open(os.path.join(probe, name), os.O_CREAT | os.O_WRONLY, 0o600))
+            size = os.lstat(probe).st_size
+            step = max(step, size - previous)
+            previous = size
+    finally:
+        shutil.rmtree(probe)
+    return DirCosts(new_dir=new_dir, entry=max(MIN_ENTRY, 2 * step))
+
+
+def fallback_dir_costs(block: int) -> DirCosts:
+    """Costs assumed when the probe cannot run: generous multiples of a block."""
+    block = max(block, 4096)
+    return DirCosts(new_dir=2 * block, entry=4 * block, measured=False)
+
+
+def mtime_of(st: os.stat_result) -> int:
+    """Whole-second mtime, the kernel's tv_sec (as the scanner uses)."""
+    return st.st_mtime_ns // 1_000_000_000
+
+
+def tree_usage(path: bytes) -> int:
+    """
+    C{du -sb path}: apparent sizes of C{path} and everything below it,
+    never following symlinks, each hard-linked inode counted once.
+    """
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    stack = [path]
+    first = True
+    while stack:
+        p = stack.pop()
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            if first:
+                raise
+            continue
+        first = False
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                continue
+            seen.add(key)
+        total += st.st_size
+        if stat.S_ISDIR(st.st_mode):
+            try:
+                with os.scandir(p) as it:
+                    stack.extend(e.path for e in it)
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def _source_parts(host: str, path: str) -> list[bytes]:
+    h = os.fsencode(host)
+    if not h or b"/" in h or h.startswith(b".") or b"\0" in h:
+        raise StoreError(f"bad source host {host!r}")
+    p = os.fsencode(path)
+    if not p.startswith(b"/"):
+        raise StoreError(f"source path {path!r} is not absolute")
+    parts = [x for x in p.split(b"/") if x]
+    if any(x in (b".", b"..") or b"\0" in x for x in parts):
+        raise StoreError(f"bad source path {path!r}")
+    return [h] + parts
+
+
+def _source_id(source) -> str:
+    return f"{source.host}:{source.path}"
+
+
+class Store:
+    """
+    One backup directory.  Build it, call L{inventory} once (it walks the
+    store and sets L{used} and L{quota}), then keep L{used} current with
+    L{refresh} for every path rsync was asked to fetch, L{remove} for drops,
+    and L{measure_state} after each rsync run (partial files).
+
+    C{size} or C{reserve} as in the config (exactly one).  C{statvfs} is
+    C{os.statvfs} or a fake with the same result fields (C{f_bavail},
+    C{f_frsize}, C{f_bsize}).  C{dir_costs} skips the probe.
+    """
+
+    def __init__(
+        self,
+        path: Pathish,
+        size: Optional[int] = None,
+        reserve: Optional[int] = None,
+        *,
+        statvfs: Callable = os.statvfs,
+        dir_costs: Optional[DirCosts] = None,
+    ):
+        if (size is None) == (reserve is None):
+            raise ValueError("give exactly one of size or reserve")
+        self.root = os.path.abspath(os.fsencode(path)).rstrip(b"/") or b"/"
+        self.size = size
+        self.reserve = reserve
+        self._statvfs = statvfs
+        self.dir_costs = dir_costs
+        self.state_dir = os.path.join(self.root, STATE)
+        self.partial_dir = os.path.join(self.state_dir, PARTIAL)
+        self._orphans_file = os.path.join(self.state_dir, ORPHANS)
+        if not os.path.isdir(self.root):
+            os.mkdir(self.root)  # its parent must exist: no mkdir -p of a typo
+        for d in (self.state_dir, self.partial_dir):
+            st = _lstat(d)
+            if st is None:
+                os.mkdir(d, 0o700)
+            elif not stat.S_ISDIR(st.st_mode):
+                raise StoreError(f"{d!r} exists and is not a directory")
+        #: source id -> relpath -> record, as on disk (after L{inventory}).
+        self.files: dict[str, dict[bytes, FileRecord]] = {}
+        #: (files, bytes) under the store that belong to no configured source.
+        self.unknown_files = 0
+        self.unknown_bytes = 0
+        self.unknown_sample: list[bytes] = []
+        self.quota: Optional[int] = size
+        self.orphans_persisted = True
+        self._sources: list = []
+        self._dirs: dict[bytes, int] = {}  # store-relative dir -> size, state dir excluded
+        self._file_bytes = 0
+        self._state_bytes = 0
+        self._used: Optional[int] = None
+        self._orphans: dict[tuple[str, bytes], float] = self._load_orphans()
+
+    @classmethod
+    def from_config(cls, store, **kw) -> "Store":
+        """A L{Store} for a config C{backup:} block."""
+        return cls(store.path, size=store.size, reserve=store.reserve, **kw)
+
+    # --- layout ---------------------------------------------------------
+
+    def source_dir(self, source_host: str, source_path: str) -> bytes:
+        """The directory holding source C{source_host:source_path}'s files."""
+        return os.path.join(self.root, *_source_parts(source_host, source_path))
+
+    def path_of(self, source_host: str, source_path: str, relpath: bytes) -> bytes:
+        """Where C{relpath} of the source lives (checked, see L{StoreError})."""
+        return self._target(source_host, source_path, relpath)[0]
+
+    def locate(self, path: Pathish) -> Optional[tuple[str, bytes]]:
+        """
+        The inverse of the layout: (source id, relpath) for an absolute path
+        in the store, with the deepest configured source (after
+        L{inventory}) that contains it; None if none does.
+        """
+        path = os.fsencode(path)
+        if not path.startswith(self.root + b"/"):
+            return None
+        rel = path[len(self.root) + 1:]
+        best = None
+        for source in self._sources:
+            prefix = b"/".join(_source_parts(source.host, source.path))
+            if rel.startswith(prefix + b"/") and (best is None or len(prefix) > len(best[1])):
+                best = (_source_id(source), prefix)
+        if best is None:
+            return None
+        return best[0], rel[len(best[1]) + 1:]
+
+    def _target(self, host: str, spath: str, relpath: bytes) -> tuple[bytes, int]:
+        """
+        The absolute path of C{relpath} and how many of its parent
+        directories do not exist yet.  Refuses bad paths and symlinked or
+        non-directory parents.
+        """
+        problem = relpath_problem(relpath)
+        if problem is not None:
+            raise StoreError(f"refusing path {relpath!r}: {problem}")
+        parts = _source_parts(host, spath) + relpath.split(b"/")
+        current = self.root
+        missing = 0
+        for part in parts[:-1]:
+            current = os.path.join(current, part)
+            if missing:
+                missing += 1
+                continue
+            st = _lstat(current)
+            if st is None:
+                missing = 1
+            elif stat.S_ISLNK(st.st_mode):
+                raise StoreError(f"refusing {relpath!r}: {current!r} is a symlink")
+            elif not stat.S_ISDIR(st.st_mode):
+                raise StoreError(f"refusing {relpath!r}: {current!r} is not a directory")
+        return os.path.join(current, parts[-1]), missing
+
+    # --- inventory and usage --------------------------------------------
+
+    def inventory(self, sources: Iterable) -> dict[str, dict[bytes, FileRecord]]:
+        """
+        Walk the store (disk is the truth) and return, per source id, the
+        files it holds (regular files and symlinks, lstat, never followed).
+        A file inside nested sources belongs to the deepest one.  Files that
+        belong to no source are counted in C{unknown_*}, never touched.
+        Also sets L{used} (= L{usage}) and L{quota}, and probes L{DirCosts}
+        the first time.
+        """
+        self._sources = list(sources)
+        owners = {
+            b"/".join(_source_parts(s.host, s.path)): _source_id(s) for s in self._sources
+        }
+        self.files = {sid: {} for sid in owners.values()}
+        self._dirs = {}
+        self._file_bytes = 0
+        self.unknown_files = self.unknown_bytes = 0
+        self.unknown_sample = []
+        self._dirs[b""] = os.lstat(self.root).st_size
+        stack: list[tuple[bytes, Optional[str], int]] = [(b"", None, 0)]
+        while stack:
+            rel_dir, owner, cut = stack.pop()
+            full_dir = os.path.join(self.root, rel_dir) if rel_dir else self.root
+            try:
+                with os.scandir(full_dir) as it:
+                    entries = list(it)
+            except FileNotFoundError:
+                if rel_dir:
+                    self._dirs.pop(rel_dir, None)
+                    continue
+                raise
+            for entry in entries:
+                name = os.fsencode(entry.name)
+                if not rel_dir and name == STATE:
+                    continue
+                rel = rel_dir + b"/" + name if rel_dir else name
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    self._dirs[rel] = st.st_size
+                    if rel in owners:
+                        stack.append((rel, owners[rel], len(rel) + 1))
+                    else:
+                        stack.append((rel, owner, cut))
+                    continue
+                record = None
+                if owner is not None and (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+                    try:
+                        record = FileRecord(rel[cut:], st.st_size, mtime_of(st))
+                    except ValueError:
+                        record = None
+                if record is None:
+                    self.unknown_files += 1
+                    self.unknown_bytes += st.st_size
+                    if len(self.unknown_sample) < 20:
+                        self.unknown_sample.append(rel)
+                else:
+                    self.files[owner][record.path] = record
+                    self._file_bytes += st.st_size
+        self._state_bytes = tree_usage(self.state_dir)
+        self._recount()
+        if self.unknown_files:
+            log.warn(
+                "store {store}: {count} files ({bytes} B) belong to no configured "
+                "source; left alone (e.g. {sample})",
+                store=self.root, count=self.unknown_files, bytes=self.unknown_bytes,
+                sample=self.unknown_sample[:3])
+        self.refresh_quota()
+        if self.dir_costs is None:
+            if self.quota - self.used >= PROBE_ROOM:
+                self.dir_costs = measure_dir_costs(self.state_dir)
+            else:
+                self.dir_costs = fallback_dir_costs(self._statvfs(self.root).f_bsize)
+                log.warn("store {store}: no room to probe directory costs; assuming {costs}",
+                         store=self.root, costs=self.dir_costs)
+            self.measure_state()
+        return self.files
+
+    def _recount(self) -> None:
+        self._used = (sum(self._dirs.values()) + self._file_bytes
+                      + self.unknown_bytes + self._state_bytes)
+
+    def usage(self) -> int:
+        """What C{du -sb} of the store prints, by walking it now."""
+        return tree_usage(self.root)
+
+    @property
+    def used(self) -> int:
+        """The running usage figure (see the module docstring)."""
+        if self._used is None:
+            raise StoreError("call inventory() first")
+        return self._used
+
+    @property
+    def free(self) -> int:
+        """Quota minus used; negative when over (e.g. a reserve shrank)."""
+        return self.quota - self.used
+
+    def refresh_quota(self) -> int:
+        """
+        Recompute the quota: C{size}, or in reserve mode current usage plus
+        the filesystem's free bytes beyond C{reserve} (never negative).
+        """
+        if self.reserve is not None:
+            st = self._statvfs(self.root)
+            available = st.f_bavail * st.f_frsize
+            self.quota = max(0, self.used + available - self.reserve)
+        return self.quota
+
+    def measure_state(self) -> int:
+        """Re-walk the (small) state directory; returns its usage."""
+        before = self._state_bytes
+        self._state_bytes = tree_usage(self.state_dir)
+        if self._used is not None:
+            self._used += self._state_bytes - before
+        return self._state_bytes
+
+    def resync(self) -> None:
+        """Walk everything again (e.g. hourly, or after a killed rsync)."""
+        self.inventory(self._sources)
+
+    def _refresh_dirs(self, parts: list[bytes]) -> None:
+        """Re-lstat the store root and the directories C{parts} lead through."""
+        rel = b""
+        for i in range(len(parts) + 1):
+            if i:
+                rel = b"/".join(parts[:i])
+            st = _lstat(os.path.join(self.root, rel) if rel else self.root)
+            if st is None or not stat.S_ISDIR(st.st_mode):
+                if rel in self._dirs:  # it went away: forget it and all below
+                    for gone in [d for d in self._dirs if d == rel or d.startswith(rel + b"/")]:
+                        self._used -= self._dirs.pop(gone)
+                return
+            self._used += st.st_size - self._dirs.get(rel, 0)
+            self._dirs[rel] = st.st_size
+
+    def refresh(self, source_host: str, source_path: str, relpath: bytes) -> Optional[FileRecord]:
+        """
+        Bring L{used} and L{files} up to date for one path rsync may have
+        written (fetched, replaced, or failed after creating directories):
+        returns the record now on disk, or None.
+        """
+        self.used  # raises before inventory()
+        path, _ = self._target(source_host, source_path, relpath)
+        sid = f"{source_host}:{source_path}"
+        holdings = self.files.setdefault(sid, {})
+        self._refresh_dirs((_source_parts(source_host, source_path) + relpath.split(b"/"))[:-1])
+        old = holdings.pop(relpath, None)
+        if old is not None:
+            self._file_bytes -= old.size
+            self._used -= old.size
+        st = _lstat(path)
+        if st is None or not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+            return None
+        record = FileRecord(relpath, st.st_size, mtime_of(st))
+        holdings[relpath] = record
+        self._file_bytes += st.st_size
+        self._used += st.st_size
+        return record
+
+    def cost(self, source_host: str, source_path: str, relpath: bytes, size: int) -> int:
+        """
+        An upper bound on how much fetching C{relpath} (C{size} bytes) can
+        add to C{du -sb} at its peak:
+
+          - C{size}: rsync writes the new version to a temp file beside the
+            old one (if any), which is removed only at the end;
+          - C{m * new_dir} for the C{m} missing parent directories;
+          - C{(m + 3) * entry}: one new entry in the first existing ancestor
+            and in each new intermediate directory, two in the file's own
+            directory (rsync's temp name and the final name exist together
+            during the rename), one in the partial dir (an interrupted
+            transfer is moved there).
+        """
+        if self.dir_costs is None:
+            raise StoreError("call inventory() first")
+        _, missing = self._target(source_host, source_path, relpath)
+        c = self.dir_costs
+        return size + missing * c.new_dir + (missing + 3) * c.entry
+
+    # --- removal ---------------------------------------------------------
+
+    def remove(self, source_host: str, source_path: str, relpath: bytes) -> int:
+        """
+        Delete one file (or symlink) and the directories it leaves empty,
+        up to but not including the source's directory; forget its orphan
+        mark.  Returns the bytes freed (the drop in L{used}).  A missing file
+        is not an error (0 freed, unless empty parents were removed).
+        """
+        before = self.used  # raises before inventory()
+        path, missing = self._target(source_host, source_path, relpath)
+        st = _lstat(path)
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise StoreError(f"refusing to remove {relpath!r}: it is a directory")
+        if st is not None:
+            os.unlink(path)
+        sid = f"{source_host}:{source_path}"
+        record = self.files.get(sid, {}).pop(relpath, None)
+        # Subtract what the running figure counted for it (also when the
+        # file had vanished); a file never refreshed was never counted, so
+        # nothing is subtracted and the figure can only err high.
+        gone = record.size if record is not None else 0
+        self._file_bytes -= gone
+        self._used -= gone
+        top = _source_parts(source_host, source_path)
+        parents = relpath.split(b"/")[:-1]
+        while parents and not missing:
+            d = os.path.join(self.root, *top, *parents)
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+            rel = b"/".join(top + parents)
+            self._used -= self._dirs.pop(rel, 0)
+            parents.pop()
+        self._refresh_dirs(top + parents)
+        if (sid, relpath) in self._orphans:
+            self.unmark(sid, [relpath])
+        return before - self.used
+
+    def clean_partials(self) -> None:
+        """Empty the partial dir (leftovers of interrupted transfers)."""
+        with os.scandir(self.partial_dir) as it:
+            entries = list(it)
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+        self.measure_state()
+
+    # --- orphans -----------------------------------------------------------
+
+    def mark_orphans(self, source_id: str, paths: Iterable[bytes], now: float) -> None:
+        """Remember C{now} as the first time each of C{paths} was orphaned."""
+        changed = False
+        for p in paths:
+            if (source_id, p) not in self._orphans:
+                self._orphans[(source_id, p)] = now
+                changed = True
+        if changed:
+            self._save_orphans()
+
+    def unmark(self, source_id: str, paths: Iterable[bytes]) -> None:
+        """The source has these files again: they are no longer orphans."""
+        changed = False
+        for p in paths:
+            changed |= self._orphans.pop((source_id, p), None) is not None
+        if changed:
+            self._save_orphans()
+
+    def orphans(self) -> dict[tuple[str, bytes], float]:
+        """(source id, relpath) -> when first seen orphaned."""
+        return dict(self._orphans)
+
+    def expired_orphans(
+        self, now: float, keep_deleted: Union[float, Mapping[str, float]]
+    ) -> list[tuple[str, bytes]]:
+        """
+        Orphans kept at least C{keep_deleted} seconds (a number, or per
+        source id; a source missing from the mapping never expires).
+        """
+        out = []
+        for (sid, path), since in sorted(self._orphans.items(), key=lambda kv: kv[1]):
+            keep = keep_deleted.get(sid) if isinstance(keep_deleted, Mapping) else keep_deleted
+            if keep is not None and now - since >= keep:
+                out.append((sid, path))
+        return out
+
+    def _load_orphans(self) -> dict[tuple[str, bytes], float]:
+        out: dict[tuple[str, bytes], float] = {}
+        try:
+            with open(self._orphans_file, "rb") as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            return out
+        for n, line in enumerate(lines, 1):
+            try:
+                since, sid, path = line.split(b" ")
+                out[(bytes.fromhex(sid.decode()).decode("utf-8"), bytes.fromhex(path.decode()))] = float(since)
+            except ValueError:
+                log.warn("{file}:{line}: unreadable orphan entry ignored",
+                         file=self._orphans_file, line=n)
+        return out
+
+    def _save_orphans(self) -> None:
+        """
+        Persist the orphan marks (temp file + rename), only when the
+        transient copy fits under the quota; otherwise keep them in memory
+        (a restart then restarts their clocks: they are kept longer, which
+        is the safe side).
+        """
+        data = b"".join(
+            b"%r %s %s\n" % (since, sid.encode("utf-8").hex().encode(), path.hex().encode())
+            for (sid, path), since in self._orphans.items()
+        )
+        entry = self.dir_costs.entry if self.dir_costs else 4 * 4096
+        if self._used is not None and self.quota is not None:
+            if self.used + len(data) + 2 * entry > self.quota:
+                if self.orphans_persisted:
+                    log.warn("store {store} is full: orphan marks kept in memory only",
+                             store=self.root)
+                self.orphans_persisted = False
+                return
+        tmp = self._orphans_file + b".tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._orphans_file)
+        self.orphans_persisted = True
+        if self._used is not None:
+            self.measure_state()
+
+
+def _lstat(path: bytes) -> Optional[os.stat_result]:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        return None

@@ -1,0 +1,456 @@
+"""
+Tests for L{cluster_backup.store} on real temporary trees, checked against
+the real C{du -sb}.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import shutil
+
+from attrs import frozen
+from twisted.trial import unittest
+
+from cluster_backup.records import FileRecord
+from cluster_backup.store import DirCosts, Store, StoreError, tree_usage
+
+try:
+    import pytest
+except ImportError:  # trial without pytest installed
+    pytest = None
+
+
+@frozen
+class Src:
+    """The two attributes of a config Source the store uses."""
+
+    host: str
+    path: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.host}:{self.path}"
+
+
+DATA = Src("host1", "/srv/data")
+ROOTSRC = Src("host2", "/")
+NONUTF8 = b"caf\xe9/na\xefve \xff.bin"
+
+
+def du(path) -> int:
+    """C{du -sb path}, from the real du."""
+    out = subprocess.run(["du", "-sb", os.fsencode(path)], check=True,
+                         capture_output=True).stdout
+    return int(out.split()[0])
+
+
+def write(path: bytes, size: int) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(b"x" * size)
+
+
+def fetch_like_rsync(store: Store, src: Src, rel: bytes, size: int) -> int:
+    """
+    Do what rsync does to land C{rel} (parents created, a temp file beside
+    the final name, renamed over it; an existing old version stays until
+    then), then L{Store.refresh}.  Returns the peak growth of C{du -sb}.
+    """
+    before = du(store.root)
+    final = store.path_of(src.host, src.path, rel)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    peaks = [du(store.root)]
+    tmp = os.path.join(os.path.dirname(final), b"." + os.path.basename(final)[:200] + b".Xa9Zq1")
+    write(tmp, size)
+    peaks.append(du(store.root))
+    os.rename(tmp, final)
+    peaks.append(du(store.root))
+    store.refresh(src.host, src.path, rel)
+    return max(peaks) - before
+
+
+class LayoutTests(unittest.SynchronousTestCase):
+    def setUp(self):
+        self.store = Store(self.mktemp(), size=10**9)
+
+    def test_source_dir(self):
+        root = self.store.root
+        self.assertEqual(self.store.source_dir("host1", "/srv/data"), root + b"/host1/srv/data")
+        self.assertEqual(self.store.source_dir("host2", "/"), root + b"/host2")
+
+    def test_path_of_non_utf8(self):
+        self.assertEqual(self.store.path_of("host1", "/srv/data", NONUTF8),
+                         self.store.root + b"/host1/srv/data/" + NONUTF8)
+
+    def test_state_dirs_created(self):
+        self.assertTrue(os.path.isdir(self.store.partial_dir))
+        self.assertEqual(self.store.state_dir, self.store.root + b"/.cbackup")
+
+    def test_locate_is_the_inverse(self):
+        self.store.inventory([DATA, ROOTSRC, Src("host1", "/srv/data/inner")])
+        for src, rel in [(DATA, NONUTF8), (ROOTSRC, b"a/b"),
+                         (Src("host1", "/srv/data/inner"), b"z")]:
+            self.assertEqual(self.store.locate(self.store.path_of(src.host, src.path, rel)),
+                             (src.id, rel))
+        self.assertIsNone(self.store.locate(self.store.root + b"/elsewhere/x"))
+
+    def test_bad_hosts_refused(self):
+        for host in (".cbackup", "", "a/b", ".."):
+            self.assertRaises(StoreError, self.store.source_dir, host, "/x")
+        self.assertRaises(StoreError, self.store.source_dir, "h", "/a/../b")
+
+    def test_needs_size_or_reserve(self):
+        self.assertRaises(ValueError, Store, self.mktemp())
+        self.assertRaises(ValueError, Store, self.mktemp(), size=1, reserve=1)
+
+
+class InventoryTests(unittest.SynchronousTestCase):
+    def setUp(self):
+        self.store = Store(self.mktemp(), size=10**9)
+        r = self.store.root
+        write(r + b"/host1/srv/data/a.txt", 10)
+        write(r + b"/host1/srv/data/sub/deep/" + NONUTF8, 7)
+        os.symlink(b"/etc", r + b"/host1/srv/data/etc-link")  # never followed
+        os.utime(r + b"/host1/srv/data/a.txt", ns=(0, 1_700_000_000_999_999_999))
+        write(r + b"/host2/top", 3)
+        write(r + b"/stray.txt", 5)  # no source
+        write(r + b"/host1/other/x", 6)  # host dir, but not a source dir
+        write(r + b"/.cbackup/partial/a.txt", 4)
+
+    def test_records(self):
+        inv = self.store.inventory([DATA, ROOTSRC])
+        self.assertEqual(set(inv), {DATA.id, ROOTSRC.id})
+        data = inv[DATA.id]
+        self.assertEqual(set(data), {b"a.txt", b"sub/deep/" + NONUTF8, b"etc-link"})
+        self.assertEqual(data[b"a.txt"], FileRecord(b"a.txt", 10, 1_700_000_000))
+        self.assertEqual(data[b"etc-link"].size, len(b"/etc"))
+        self.assertEqual(list(inv[ROOTSRC.id]), [b"top"])
+        self.assertEqual(inv[ROOTSRC.id][b"top"].size, 3)
+
+    def test_unknown_counted_not_deleted(self):
+        self.store.inventory([DATA, ROOTSRC])
+        self.assertEqual((self.store.unknown_files, self.store.unknown_bytes), (2, 11))
+        self.assertTrue(os.path.exists(self.store.root + b"/stray.txt"))
+        self.assertTrue(os.path.exists(self.store.root + b"/host1/other/x"))
+
+    def test_unconfigured_source_is_unknown(self):
+        inv = self.store.inventory([DATA])
+        self.assertNotIn(ROOTSRC.id, inv)
+        self.assertEqual(self.store.unknown_files, 3)
+
+    def test_nested_sources_deepest_wins(self):
+        inner = Src("host1", "/srv/data/sub")
+        inv = self.store.inventory([DATA, inner])
+        self.assertEqual(set(inv[inner.id]), {b"deep/" + NONUTF8})
+        self.assertNotIn(b"sub/deep/" + NONUTF8, inv[DATA.id])
+
+    def test_used_equals_du(self):
+        self.store.inventory([DATA, ROOTSRC])
+        self.assertEqual(self.store.used, du(self.store.root))
+        self.assertEqual(self.store.usage(), du(self.store.root))
+
+
+class UsageTests(unittest.SynchronousTestCase):
+    def setUp(self):
+        self.store = Store(self.mktemp(), size=10**9)
+        self.store.inventory([DATA, ROOTSRC])
+
+    def test_usage_matches_du(self):
+        r = self.store.root
+        for i in range(30):
+            write(r + b"/host1/srv/data/d%d/e%d/f%d" % (i % 3, i % 5, i), i * 100)
+        os.symlink(b"../../nowhere/at/all", r + b"/host1/srv/data/dangling")
+        os.symlink(b"d0", r + b"/host1/srv/data/dirlink")
+        os.link(r + b"/host1/srv/data/d0/e0/f0", r + b"/host1/srv/data/hard")
+        write(self.store.partial_dir + b"/f7", 12345)
+        self.assertEqual(self.store.usage(), du(r))
+
+    def test_tree_usage_missing_root_raises(self):
+        self.assertRaises(FileNotFoundError, tree_usage, self.store.root + b"/nope")
+
+    def test_running_used_follows_adds_and_removes(self):
+        r = self.store.root
+        rels = [b"a/b/c%d" % i for i in range(5)] + [b"x/" + NONUTF8, b"top"]
+        for n, rel in enumerate(rels):
+            fetch_like_rsync(self.store, DATA, rel, 1000 * n)
+            self.assertEqual(self.store.used, du(r))
+        fetch_like_rsync(self.store, DATA, b"top", 5)  # replaced, smaller
+        self.assertEqual(self.store.used, du(r))
+        self.assertEqual(self.store.files[DATA.id][b"top"].size, 5)
+        for rel in rels:
+            self.store.remove(DATA.host, DATA.path, rel)
+            self.assertEqual(self.store.used, du(r), rel)
+        self.assertEqual(self.store.files[DATA.id], {})
+
+    def test_refresh_after_failed_fetch_counts_new_dirs(self):
+        # rsync created the directories, then the transfer failed
+        os.makedirs(self.store.path_of(DATA.host, DATA.path, b"new/dirs/x")[:-2])
+        self.assertIsNone(self.store.refresh(DATA.host, DATA.path, b"new/dirs/x"))
+        self.assertEqual(self.store.used, du(self.store.root))
+
+    def test_partials_measured_and_cleaned(self):
+        write(self.store.partial_dir + b"/big", 50000)
+        self.store.measure_state()
+        self.assertEqual(self.store.used, du(self.store.root))
+        self.store.clean_partials()
+        self.assertEqual(os.listdir(self.store.partial_dir), [])
+        self.assertEqual(self.store.used, du(self.store.root))
+
+    def test_remove_cleans_empty_parents_not_source_dir(self):
+        fetch_like_rsync(self.store, DATA, b"a/b/c/file", 10)
+        fetch_like_rsync(self.store, DATA, b"a/keep", 10)
+        freed = self.store.remove(DATA.host, DATA.path, b"a/b/c/file")
+        sdir = self.store.source_dir(DATA.host, DATA.path)
+        self.assertFalse(os.path.exists(sdir + b"/a/b"))
+        self.assertTrue(os.path.exists(sdir + b"/a/keep"))
+        self.assertGreaterEqual(freed, 10)
+        self.store.remove(DATA.host, DATA.path, b"a/keep")
+        self.assertTrue(os.path.isdir(sdir))
+        self.assertEqual(os.listdir(sdir), [])
+        self.assertEqual(self.store.used, du(self.store.root))
+
+    def test_remove_of_vanished_file_keeps_used_exact(self):
+        fetch_like_rsync(self.store, DATA, b"v/gone", 300)
+        os.unlink(self.store.path_of(DATA.host, DATA.path, b"v/gone"))
+        self.store.remove(DATA.host, DATA.path, b"v/gone")
+        self.assertNotIn(b"v/gone", self.store.files[DATA.id])
+        self.assertEqual(self.store.used, du(self.store.root))
+
+    def test_remove_refuses_directory(self):
+        os.makedirs(self.store.path_of(DATA.host, DATA.path, b"adir"))
+        self.assertRaises(StoreError, self.store.remove, DATA.host, DATA.path, b"adir")
+
+
+class CostTests(unittest.SynchronousTestCase):
+    """cost() bounds the real growth of du -sb on this filesystem."""
+
+    def setUp(self):
+        self.store = Store(self.mktemp(), size=10**10)
+        self.store.inventory([DATA, ROOTSRC])
+
+    def check(self, src, rel, size):
+        bound = self.store.cost(src.host, src.path, rel, size)
+        growth = fetch_like_rsync(self.store, src, rel, size)
+        self.assertGreaterEqual(bound, growth, (rel, size))
+        self.assertGreaterEqual(bound, size)
+        return bound
+
+    def test_probe_measured(self):
+        costs = self.store.dir_costs
+        self.assertTrue(costs.measured)
+        probe = os.path.join(self.store.state_dir, b"fresh")
+        os.mkdir(probe)
+        self.assertEqual(costs.new_dir, os.lstat(probe).st_size)
+        self.assertGreaterEqual(costs.entry, 64)
+
+    def test_new_nested_file(self):
+        deep = self.check(DATA, b"one/two/three/four/f", 100)
+        self.assertGreater(deep, self.store.cost(DATA.host, DATA.path, b"one/two/three/four/g", 100))
+
+    def test_root_source_and_non_utf8(self):
+        self.check(ROOTSRC, NONUTF8, 3000)
+
+    def test_update_in_place(self):
+        self.check(DATA, b"f", 5000)
+        self.check(DATA, b"f", 7000)
+
+    def test_many_entries_in_one_dir(self):
+        # long names make ext4 overflow its first block and go htree
+        for i in range(60):
+            self.check(DATA, b"d/" + b"%03d" % i + b"n" * 240, 1)
+
+    def test_empty_file(self):
+        self.check(DATA, b"z/empty", 0)
+
+    def test_cost_refuses_bad_paths(self):
+        self.assertRaises(StoreError, self.store.cost, DATA.host, DATA.path, b"../x", 1)
+
+    def test_cost_needs_inventory(self):
+        fresh = Store(self.mktemp(), size=10**6)
+        self.assertRaises(StoreError, fresh.cost, DATA.host, DATA.path, b"x", 1)
+        self.assertRaises(StoreError, lambda: fresh.used)
+
+    def test_fallback_when_no_room(self):
+        small = Store(self.mktemp(), size=10000)
+        small.inventory([DATA])
+        self.assertFalse(small.dir_costs.measured)
+        self.assertGreaterEqual(small.dir_costs.entry, 4 * 4096)
+        self.assertEqual(small.used, du(small.root))
+
+    def test_real_rsync(self):
+        rsync = shutil.which("rsync")
+        if rsync is None:
+            raise unittest.SkipTest("rsync not installed")
+        src = self.mktemp().encode()
+        write(src + b"/p/q/" + NONUTF8, 4000)
+        rel = b"p/q/" + NONUTF8
+        bound = self.store.cost(DATA.host, DATA.path, rel, 4000)
+        before = du(self.store.root)
+        dest = self.store.source_dir(DATA.host, DATA.path)
+        os.makedirs(dest, exist_ok=True)
+        before = du(self.store.root)
+        subprocess.run([rsync, "-a", "--from0", "--files-from=-", "--partial-dir",
+                        self.store.partial_dir, src + b"/", dest + b"/"],
+                       input=rel + b"\0", check=True)
+        # dest was created before "before": only the final state is visible here
+        self.assertGreaterEqual(bound, du(self.store.root) - before)
+        self.assertEqual(self.store.refresh(DATA.host, DATA.path, rel).size, 4000)
+        self.assertEqual(self.store.used, du(self.store.root))
+
+
+class SafetyTests(unittest.SynchronousTestCase):
+    def setUp(self):
+        self.store = Store(self.mktemp(), size=10**9)
+        self.store.inventory([DATA])
+        self.outside = os.path.abspath(self.mktemp()).encode()
+        write(self.outside + b"/victim", 3)
+
+    def test_traversal_refused(self):
+        for rel in (b"../x", b"a/../../x", b"/etc/passwd", b"", b"a//b", b"a\0b", b"./a"):
+            self.assertRaises(StoreError, self.store.path_of, DATA.host, DATA.path, rel)
+            self.assertRaises(StoreError, self.store.remove, DATA.host, DATA.path, rel)
+
+    def test_symlinked_parent_refused(self):
+        sdir = self.store.source_dir(DATA.host, DATA.path)
+        os.makedirs(sdir)
+        os.symlink(self.outside, sdir + b"/escape")
+        for op in (self.store.path_of, self.store.remove, self.store.refresh):
+            self.assertRaises(StoreError, op, DATA.host, DATA.path, b"escape/victim")
+        self.assertRaises(StoreError, self.store.cost, DATA.host, DATA.path, b"escape/victim", 1)
+        self.assertTrue(os.path.exists(self.outside + b"/victim"))
+
+    def test_symlinked_host_dir_refused(self):
+        os.symlink(self.outside, self.store.root + b"/host1")
+        self.assertRaises(StoreError, self.store.remove, DATA.host, DATA.path, b"victim")
+        self.assertRaises(StoreError, self.store.remove, "host1", "/", b"victim")
+        self.assertTrue(os.path.exists(self.outside + b"/victim"))
+
+    def test_file_as_parent_refused(self):
+        write(self.store.source_dir(DATA.host, DATA.path) + b"/plain", 1)
+        self.assertRaises(StoreError, self.store.path_of, DATA.host, DATA.path, b"plain/x")
+
+    def test_symlink_itself_removed_not_target(self):
+        sdir = self.store.source_dir(DATA.host, DATA.path)
+        os.makedirs(sdir)
+        os.symlink(self.outside + b"/victim", sdir + b"/link")
+        self.store.refresh(DATA.host, DATA.path, b"link")
+        self.store.remove(DATA.host, DATA.path, b"link")
+        self.assertFalse(os.path.lexists(sdir + b"/link"))
+        self.assertTrue(os.path.exists(self.outside + b"/victim"))
+
+
+class OrphanTests(unittest.SynchronousTestCase):
+    def setUp(self):
+        self.path = self.mktemp()
+        self.store = Store(self.path, size=10**9)
+        self.store.inventory([DATA])
+
+    def test_timestamps_survive_reopening(self):
+        self.store.mark_orphans(DATA.id, [b"old", NONUTF8], now=1000.0)
+        self.store.mark_orphans(DATA.id, [b"old", b"new"], now=5000.0)  # old keeps 1000
+        again = Store(self.path, size=10**9)
+        self.assertEqual(again.orphans(), {(DATA.id, b"old"): 1000.0,
+                                           (DATA.id, NONUTF8): 1000.0,
+                                           (DATA.id, b"new"): 5000.0})
+
+    def test_expired(self):
+        self.store.mark_orphans(DATA.id, [b"old"], now=1000.0)
+        self.store.mark_orphans(DATA.id, [b"new"], now=5000.0)
+        self.assertEqual(self.store.expired_orphans(6000.0, 4500.0), [(DATA.id, b"old")])
+        self.assertEqual(self.store.expired_orphans(6000.0, {DATA.id: 1000.0}),
+                         [(DATA.id, b"old"), (DATA.id, b"new")])
+        self.assertEqual(self.store.expired_orphans(10**9, {}), [])
+
+    def test_unmark_persists(self):
+        self.store.mark_orphans(DATA.id, [b"a", b"b"], now=1.0)
+        self.store.unmark(DATA.id, [b"a"])
+        self.assertEqual(Store(self.path, size=10**9).orphans(), {(DATA.id, b"b"): 1.0})
+
+    def test_remove_unmarks(self):
+        fetch_like_rsync(self.store, DATA, b"gone", 1)
+        self.store.mark_orphans(DATA.id, [b"gone"], now=1.0)
+        self.store.remove(DATA.host, DATA.path, b"gone")
+        self.assertEqual(Store(self.path, size=10**9).orphans(), {})
+
+    def test_state_file_counted(self):
+        self.store.mark_orphans(DATA.id, [b"p%d" % i for i in range(200)], now=1.0)
+        self.assertEqual(self.store.used, du(self.store.root))
+
+    def test_full_store_keeps_marks_in_memory(self):
+        full = Store(self.mktemp(), size=1, dir_costs=DirCosts(4096, 16384))
+        full.inventory([DATA])
+        full.mark_orphans(DATA.id, [b"x"], now=1.0)
+        self.assertFalse(full.orphans_persisted)
+        self.assertEqual(full.orphans(), {(DATA.id, b"x"): 1.0})
+        self.assertFalse(os.path.exists(full.state_dir + b"/orphans"))
+
+
+class FakeStatvfs:
+    """Stands in for os.statvfs: C{available} bytes free to us."""
+
+    def __init__(self, available: int):
+        self.available = available
+        self.calls = []
+
+    def __call__(self, path):
+        self.calls.append(path)
+        return os.statvfs_result((4096, 4096, 0, 0, self.available // 4096, 0, 0, 0, 0, 255))
+
+
+class ReserveTests(unittest.SynchronousTestCase):
+    def test_quota_follows_free_space(self):
+        fake = FakeStatvfs(100 * 2**20)
+        store = Store(self.mktemp(), reserve=30 * 2**20, statvfs=fake,
+                      dir_costs=DirCosts(4096, 16384))
+        store.inventory([DATA])
+        self.assertEqual(store.quota, store.used + 70 * 2**20)
+        self.assertEqual(fake.calls[-1], store.root)
+        fake.available = 10 * 2**20  # someone else filled the disk
+        self.assertEqual(store.refresh_quota(), 0)
+        self.assertEqual(store.free, -store.used)
+        fake.available = 40 * 2**20
+        self.assertEqual(store.refresh_quota(), store.used + 10 * 2**20)
+
+    def test_from_config(self):
+        from cluster_backup.config import Store as StoreConfig
+        cfg = StoreConfig(host="h", path=os.path.abspath(self.mktemp()), reserve=0)
+        store = Store.from_config(cfg, statvfs=FakeStatvfs(2**30))
+        store.inventory([])
+        self.assertEqual(store.quota, store.used + 2**30)
+
+
+class TmpfsTests(unittest.SynchronousTestCase):
+    """On tmpfs directories are small (40 B) and grow with each entry."""
+
+    def setUp(self):
+        self.mnt = os.path.abspath(self.mktemp())
+        os.makedirs(self.mnt)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", self.mnt],
+                              capture_output=True)
+        if done.returncode != 0:
+            raise unittest.SkipTest(
+                f"cannot mount a tmpfs (needs root/CAP_SYS_ADMIN): {done.stderr.decode().strip()}")
+        self.addCleanup(subprocess.run, ["umount", self.mnt], check=True)
+        self.store = Store(os.path.join(self.mnt, "store"), size=2**20)
+        self.store.inventory([DATA, ROOTSRC])
+
+    def test_cost_bounds_growth(self):
+        costs = self.store.dir_costs
+        self.assertTrue(costs.measured)
+        self.assertLess(costs.new_dir, 4096)  # tmpfs, not ext4 blocks
+        cases = [(DATA, b"a/b/c/d", 10), (DATA, b"a/b/c/e", 10), (DATA, b"a/x", 0),
+                 (ROOTSRC, NONUTF8, 100), (DATA, b"a/x", 500)]
+        cases += [(DATA, b"wide/%03d" % i + b"w" * 250, 1) for i in range(40)]
+        for src, rel, size in cases:
+            bound = self.store.cost(src.host, src.path, rel, size)
+            growth = fetch_like_rsync(self.store, src, rel, size)
+            self.assertGreaterEqual(bound, growth, rel)
+            self.assertEqual(self.store.used, du(self.store.root))
+
+    def test_remove_shrinks_dirs_and_used_follows(self):
+        for i in range(20):
+            fetch_like_rsync(self.store, DATA, b"d/f%d" % i, 10)
+        for i in range(19):
+            self.store.remove(DATA.host, DATA.path, b"d/f%d" % i)
+            self.assertEqual(self.store.used, du(self.store.root))
