@@ -62,6 +62,20 @@ class FileRecord:
     def version(self) -> tuple[int, int]:
         return (self.size, self.mtime)
 
+    @classmethod
+    def unchecked(cls, path: bytes, size: int, mtime: int) -> "FileRecord":
+        """
+        Build a record without validating C{path}: only for paths made from
+        readdir names by the scanner (never empty, C{.}, C{..}, nor holding
+        C{/} or NUL; it checks the length itself).  The validator is a
+        quarter of a scan's time.  Anything from a peer uses C{FileRecord()}.
+        """
+        record = object.__new__(cls)
+        object.__setattr__(record, "path", path)
+        object.__setattr__(record, "size", size)
+        object.__setattr__(record, "mtime", mtime)
+        return record
+
 
 @frozen
 class Need:

@@ -15,7 +15,11 @@ from cluster_backup.tapbase import ClusterOptions
 class Options(ClusterOptions):
     """Options of C{cbackup-server}."""
 
-    synopsis = "-c FILE [--host NAME]"
+    synopsis = "-c FILE [--host NAME] [--state-dir DIR]"
+    optParameters = ClusterOptions.optParameters + [
+        ["state-dir", None, "/var/lib/cluster-backup/server",
+         "Where the server keeps its rsync daemon's config and secrets (mode 0700)."],
+    ]
     longdesc = "Serve this host's sources (server: lines) to the backup clients."
 
     def check_role(self, cluster: Cluster, host: str) -> None:
@@ -27,6 +31,12 @@ class Options(ClusterOptions):
 
 def makeService(options: Options) -> IService:
     """Build the server's service tree; nothing listens until it starts."""
-    raise SystemExit(
-        "cbackup-server: the server is not built yet in this version "
-        "(the config is valid; see `cbackup check`)")
+    from twisted.internet import reactor
+
+    from cluster_backup.config import ConfigError
+    from cluster_backup.server import build
+
+    try:
+        return build(options["cluster"], options["host"], options["state-dir"], reactor)
+    except (ConfigError, ValueError) as e:
+        raise SystemExit(f"cbackup-server: {e}")

@@ -1,0 +1,434 @@
+"""
+Walk a source (or a store) and turn what is there into L{FileRecord}s.
+
+Two layers:
+
+  - L{walk} is a plain synchronous iterator over batches of records.  It
+    does blocking I/O and nothing else, so tests drive it directly on real
+    temporary trees.
+  - L{scan} runs a L{walk} in a thread of the reactor's pool and hands each
+    batch to a callback I{on the reactor thread}, so the receiver (a ledger,
+    which is not thread-safe) never sees another thread, and the reactor is
+    never blocked by C{readdir}/C{lstat} on a tree of millions of files.
+
+What is recorded (C{lstat} semantics, nothing below the root is followed):
+regular files and symlinks become records (a symlink's size is the length
+of its target, as rsync copies links as links); directories are descended;
+fifos, sockets and devices are counted and skipped.  A version's mtime is
+whole seconds (L{mtime_of}).
+
+Failure policy: a root that is missing, not a directory or unreadable raises
+L{ScanError}, because a missing source must never look like an empty one.
+Below the root, a directory that cannot be listed or an entry that vanished
+between C{readdir} and C{lstat} is counted in the L{ScanResult}, which then
+says C{complete=False}: the caller may add what it saw, but must not conclude
+that anything it did I{not} see is gone.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import threading
+from fnmatch import translate
+from typing import Callable, Iterator, Optional, Sequence, Union
+
+from attrs import define, field
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
+
+from .records import FileRecord
+
+Path = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
+
+#: How many unreadable paths a L{ScanResult} lists (all are counted).
+MAX_LISTED = 20
+
+
+#: Linux PATH_MAX: longer relative paths cannot be stored or sent.
+MAX_PATH = 4096
+
+
+class ScanError(Exception):
+    """
+    The scan's root is missing, not a directory or cannot be listed, or the
+    scan was stopped before it finished.  Nothing may be concluded from it.
+    """
+
+
+def mtime_of(st: os.stat_result) -> int:
+    """
+    The whole-second mtime of C{st}, as a version uses it.
+
+    This is C{st_mtime_ns // 10**9}, i.e. the kernel's C{tv_sec} (what rsync
+    and C{find -printf %T@} see), rather than C{int(st.st_mtime)}: the float
+    rounds a time within ~0.2 us of the next second up to it, and truncates
+    negative times toward zero.  Sources and stores must both use this.
+    """
+    return st.st_mtime_ns // 1_000_000_000
+
+
+@define
+class ScanResult:
+    """
+    What a walk saw, filled in as it goes (so it doubles as progress).
+
+    C{files}/C{bytes} count the records produced; C{specials} the fifos,
+    sockets and devices skipped; C{excluded} the entries matched by an
+    exclude pattern (an excluded directory counts once); C{skipped} the
+    directories not descended because they are in C{skip} or are their own
+    ancestor (a bind mount loop); C{missed} the directories that could not be
+    listed and entries that vanished or could not be stat'ed, with the first
+    L{MAX_LISTED} of them in C{missed_paths} as C{(relative path, reason)}
+    (C{b""} is the root itself).
+    """
+
+    root: bytes
+    files: int = 0
+    bytes: int = 0
+    specials: int = 0
+    excluded: int = 0
+    skipped: int = 0
+    missed: int = 0
+    missed_paths: list = field(factory=list)
+
+    @property
+    def complete(self) -> bool:
+        """Whether every entry under the root was seen (nothing missed)."""
+        return self.missed == 0
+
+    @property
+    def error(self) -> Optional[str]:
+        """C{None} for a complete scan, else a one-line description."""
+        if self.missed == 0:
+            return None
+        shown = "; ".join(f"{p!r}: {why}" for p, why in self.missed_paths[:3])
+        more = ", ..." if self.missed > 3 else ""
+        return (
+            f"scan of {self.root!r} incomplete: {self.missed} path(s) "
+            f"could not be read ({shown}{more})"
+        )
+
+    def _miss(self, path: bytes, exc: OSError) -> None:
+        self.missed += 1
+        if len(self.missed_paths) < MAX_LISTED:
+            why = exc.strerror or exc.__class__.__name__
+            if isinstance(exc, FileNotFoundError):
+                why = "vanished during the scan"
+            self.missed_paths.append((path, why))
+
+
+def _union(patterns: list[str]):
+    if not patterns:
+        return None
+    return re.compile("|".join(translate(p) for p in patterns)).match
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:  # d_type unknown and lstat failed: the walk records it
+        return False
+
+
+class _Excluder:
+    """Exclude patterns compiled into (at most) four regular expressions."""
+
+    def __init__(self, patterns: Sequence[Union[str, bytes]]):
+        # (base name or path) x (any entry or directories only)
+        lists: dict[tuple[bool, bool], list[str]] = {
+            (a, d): [] for a in (False, True) for d in (False, True)
+        }
+        for p in patterns:
+            p = os.fsdecode(p)
+            dir_only = p.endswith("/")
+            anchored = "/" in p.rstrip("/")
+            p = p.strip("/")
+            if not p:
+                raise ValueError(f"empty exclude pattern in {patterns!r}")
+            lists[(anchored, dir_only)].append(p)
+        self.base = _union(lists[(False, False)])
+        self.path = _union(lists[(True, False)])
+        self.base_dir = _union(lists[(False, True)])
+        self.path_dir = _union(lists[(True, True)])
+
+    def __call__(self, rel: bytes, entry: os.DirEntry) -> bool:
+        if self.base or self.base_dir:
+            name = os.fsdecode(entry.name)
+            if self.base and self.base(name):
+                return True
+        if self.path or self.path_dir:
+            path = os.fsdecode(rel)
+            if self.path and self.path(path):
+                return True
+        if (self.base_dir or self.path_dir) and _is_dir(entry):
+            if self.base_dir and self.base_dir(name):
+                return True
+            if self.path_dir and self.path_dir(path):
+                return True
+        return False
+
+
+class _Skipper:
+    """Directories never descended, known by real path and by inode."""
+
+    def __init__(self, dirs: Sequence[Path]):
+        self.real = set()
+        self.ids = set()
+        for d in dirs:
+            d = os.fsencode(d)
+            if not os.path.isabs(d):
+                raise ValueError(f"skip directory {d!r} is not absolute")
+            self.real.add(os.path.realpath(d))
+            try:
+                st = os.stat(d)
+            except OSError:
+                continue  # absent now: the real path still applies
+            self.ids.add((st.st_dev, st.st_ino))
+
+    def __call__(self, real: bytes, ident: tuple[int, int]) -> bool:
+        return ident in self.ids or real in self.real
+
+
+def _within(ident: tuple[int, int], chain: Optional[tuple]) -> bool:
+    """Whether C{ident} is one of the directories in an ancestor chain."""
+    while chain is not None:
+        if chain[0] == ident:
+            return True
+        chain = chain[1]
+    return False
+
+
+class Walk:
+    """
+    An iterator over lists of at most C{batch} L{FileRecord}s under a root,
+    in no particular order, with the running L{ScanResult} in C{result}.
+    Build it with L{walk}.
+    """
+
+    def __init__(self, root: Path, exclude, skip, batch: int):
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, not {batch!r}")
+        self.root = os.fsencode(root)
+        self.result = ScanResult(root=self.root)
+        self._excluder = _Excluder(exclude) if exclude else None
+        self._skipper = _Skipper(skip) if skip else None
+        self._batch = batch
+        try:
+            st = os.stat(self.root)
+        except FileNotFoundError:
+            raise ScanError(f"{self.root!r} does not exist") from None
+        except OSError as e:
+            raise ScanError(f"cannot stat {self.root!r}: {e.strerror}") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise ScanError(f"{self.root!r} is not a directory")
+        self._root_id = (st.st_dev, st.st_ino)
+        real = os.path.realpath(self.root)
+        if self._skipper and self._skipper(real, self._root_id):
+            raise ScanError(f"{self.root!r} is itself a skipped directory")
+        self._real_prefix = real.rstrip(b"/") + b"/"
+        self._batches = self._run()
+
+    def __iter__(self) -> Iterator[list[FileRecord]]:
+        return self
+
+    def __next__(self) -> list[FileRecord]:
+        return next(self._batches)
+
+    def close(self) -> None:
+        """Stop early and release the open directory, if any."""
+        self._batches.close()
+
+    def _run(self) -> Iterator[list[FileRecord]]:
+        result = self.result
+        excluder, skipper, batch = self._excluder, self._skipper, self._batch
+        real_prefix = self._real_prefix
+        S_ISREG, S_ISLNK, S_ISDIR = stat.S_ISREG, stat.S_ISLNK, stat.S_ISDIR
+        SECOND = 1_000_000_000
+        # (path to list, relative prefix, its (dev, ino) and its parent's...)
+        pending = [(self.root, b"", (self._root_id, None))]
+        out: list[FileRecord] = []
+        files = size = 0
+        try:
+            while pending:
+                path, prefix, chain = pending.pop()
+                try:
+                    it = os.scandir(path)
+                except OSError as e:
+                    if not prefix:
+                        raise ScanError(f"cannot list {path!r}: {e.strerror}") from None
+                    result._miss(prefix[:-1], e)
+                    continue
+                try:
+                    for entry in it:
+                        rel = prefix + entry.name
+                        if excluder is not None and excluder(rel, entry):
+                            result.excluded += 1
+                            continue
+                        try:
+                            st = entry.stat(follow_symlinks=False)
+                        except OSError as e:
+                            result._miss(rel, e)
+                            continue
+                        mode = st.st_mode
+                        if S_ISREG(mode) or S_ISLNK(mode):
+                            n = st.st_size
+                            if len(rel) > MAX_PATH:
+                                result._miss(rel, OSError(0, "longer than 4096 bytes"))
+                                continue
+                            # mtime_of(st), inlined; readdir names need no validation
+                            out.append(FileRecord.unchecked(rel, n, st.st_mtime_ns // SECOND))
+                            files += 1
+                            size += n
+                            if len(out) >= batch:
+                                result.files, result.bytes = files, size
+                                yield out
+                                out = []
+                        elif S_ISDIR(mode):
+                            ident = (st.st_dev, st.st_ino)
+                            if _within(ident, chain) or (
+                                skipper and skipper(real_prefix + rel, ident)
+                            ):
+                                result.skipped += 1
+                                continue
+                            pending.append((entry.path, rel + b"/", (ident, chain)))
+                        else:
+                            result.specials += 1
+                except OSError as e:  # readdir failed part way
+                    result._miss(prefix[:-1], e)
+                finally:
+                    it.close()
+            result.files, result.bytes = files, size
+            if out:
+                yield out
+        finally:
+            result.files, result.bytes = files, size
+
+
+def walk(
+    root: Path,
+    *,
+    exclude: Sequence[Union[str, bytes]] = (),
+    skip: Sequence[Path] = (),
+    batch: int = 2000,
+) -> Walk:
+    """
+    Walk the tree under C{root} synchronously, yielding lists of at most
+    C{batch} L{FileRecord}s (paths relative to C{root}, bytes, C{/}-separated);
+    the returned L{Walk}'s C{result} holds the L{ScanResult}.
+
+    C{root} itself is followed if it is a symlink; nothing below it is.
+    Raises L{ScanError} at once if C{root} is missing or not a directory, and
+    from the first C{next()} if it cannot be listed.  Raises C{ValueError}
+    for a bad pattern, a relative C{skip} directory or C{batch < 1}.
+
+    C{exclude} patterns use C{fnmatch} syntax (C{*}, C{?}, C{[...]}; case
+    sensitive) against names decoded with C{os.fsdecode}, so a non-UTF-8
+    name is matched by a pattern holding the same surrogate escapes (or by
+    the same bytes: bytes patterns are decoded the same way):
+      - a pattern without C{/} matches the base name at any depth
+        (C{*.tmp}, C{.cache});
+      - a pattern with a C{/} matches the whole relative path from the root
+        (C{var/log/*.gz}); a leading C{/} only marks such an anchored
+        pattern (C{/build} is C{build} at the top only).  As in C{fnmatch},
+        C{*} also matches C{/} here (C{a/*.log} matches C{a/b/c.log});
+      - a trailing C{/} matches directories only (C{cache/}).
+    An excluded directory is not descended.
+
+    C{skip} names absolute directories never descended (a store that lies
+    inside the source), recognised by real path and by C{(st_dev, st_ino)},
+    so a symlinked alias or a bind mount of it is skipped too.  A directory
+    that is its own ancestor (a bind mount loop) is not descended again.
+    """
+    return Walk(root, exclude, skip, batch)
+
+
+class _Stopped(Exception):
+    pass
+
+
+def scan(
+    root: Path,
+    on_batch: Callable[[list[FileRecord]], object],
+    *,
+    exclude: Sequence[Union[str, bytes]] = (),
+    skip: Sequence[Path] = (),
+    batch: int = 2000,
+    depth: int = 4,
+    reactor=None,
+) -> Deferred:
+    """
+    Run L{walk} in a thread of C{reactor}'s thread pool and call
+    C{on_batch(records)} on the reactor thread for each batch, in order;
+    fire with the L{ScanResult} after the last batch was delivered.
+
+    At most C{depth} batches are handed over and not yet consumed; the walk
+    thread waits for the reactor beyond that, so its memory stays bounded
+    however large the tree (about C{(depth + 2) * batch} records).  Each
+    delivery is one C{on_batch} call, so C{batch} bounds how long the reactor
+    is held.
+
+    Fails with L{ScanError} for a bad root (see L{walk}) or when the reactor
+    shuts down first; with whatever C{on_batch} raised, after which no more
+    batches are delivered.  Cancelling the L{Deferred} stops the walk thread
+    at its next batch and delivers nothing more.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    if depth < 1:
+        raise ValueError(f"depth must be at least 1, not {depth!r}")
+    stop = threading.Event()
+    slots = threading.Semaphore(depth)
+    failed: list[Failure] = []
+
+    def deliver(records: list[FileRecord]) -> None:
+        try:
+            if not stop.is_set():
+                on_batch(records)
+        except Exception:
+            failed.append(Failure())
+            stop.set()
+        finally:
+            slots.release()
+
+    def work() -> ScanResult:
+        batches = walk(root, exclude=exclude, skip=skip, batch=batch)
+        try:
+            for records in batches:
+                # Poll so that a stop (cancel, shutdown) never leaves this
+                # thread blocked and the thread pool unable to join it.
+                while not slots.acquire(timeout=0.1):
+                    if stop.is_set():
+                        raise _Stopped()
+                if stop.is_set():
+                    raise _Stopped()
+                reactor.callFromThread(deliver, records)
+        finally:
+            batches.close()
+        return batches.result
+
+    def shutdown() -> None:
+        stop.set()
+        trigger.clear()
+
+    result = Deferred(lambda d: stop.set())
+    trigger = [reactor.addSystemEventTrigger("before", "shutdown", shutdown)]
+
+    def done(outcome):
+        if trigger:
+            reactor.removeSystemEventTrigger(trigger.pop())
+        if result.called:  # cancelled
+            return
+        if failed:
+            result.errback(failed[0])
+        elif isinstance(outcome, Failure):
+            if outcome.check(_Stopped):
+                outcome = Failure(ScanError(f"scan of {os.fsencode(root)!r} stopped"))
+            result.errback(outcome)
+        else:
+            result.callback(outcome)
+
+    deferToThreadPool(reactor, reactor.getThreadPool(), work).addBoth(done)
+    return result

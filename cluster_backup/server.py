@@ -1,0 +1,217 @@
+"""
+The server: everything C{cbackup-server} runs for the sources of one host.
+
+One L{Ledger} per source, fed by a L{SourceScanner} (now and every
+C{rescan}); one rsync daemon serving every source read-only; one AMP
+listener on the host's address and C{PORT}.  L{build} only assembles the
+service tree: nothing is scanned, spawned or bound until it starts, so
+tests can build and inspect it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Optional
+
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.logger import Logger
+
+from cluster_backup.config import Cluster, Source, read_secret
+from cluster_backup.ledger import Ledger
+from cluster_backup.protocol import ServerFactory
+from cluster_backup.rsyncd import RsyncDaemon
+from cluster_backup.scanner import ScanError, scan
+
+log = Logger()
+
+#: How often the server looks at its ledgers to log safemode changes.
+WATCH_INTERVAL = 5.0
+
+
+class SourceScanner(Service):
+    """
+    Scans one source into its ledger at start and every C{interval}
+    seconds.  A missing or unreadable source is logged and recorded in the
+    ledger as an incomplete scan, never as an empty source.
+    """
+
+    def __init__(self, source: Source, ledger: Ledger, interval: float,
+                 skip: list[str], reactor):
+        self.source = source
+        self.ledger = ledger
+        self.skip = skip
+        self.reactor = reactor
+        self.setName(f"scan {source.id}")
+        self._timer = TimerService(interval, self.scan_once)
+        self._timer.clock = reactor
+        self.scans = 0
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self._timer.startService()
+
+    def stopService(self) -> Deferred:
+        Service.stopService(self)
+        return self._timer.stopService()
+
+    @inlineCallbacks
+    def scan_once(self):
+        """One scan; never raises (a raising TimerService stops for good)."""
+        started = time.monotonic()
+        self.ledger.scan_started()
+        try:
+            result = yield scan(self.source.path, self.ledger.scan_batch,
+                                exclude=self.source.exclude, skip=self.skip,
+                                reactor=self.reactor)
+        except ScanError as e:
+            self.ledger.scan_finished(False, str(e))
+            log.error("scan of {source} failed: {error}", source=self.source.id, error=str(e))
+            return
+        except Exception:
+            self.ledger.scan_finished(False, "internal error during scan")
+            log.failure("scan of {source} failed", source=self.source.id)
+            return
+        if result.files == 0:
+            known = self.ledger.status().files
+            if known:
+                # An unmounted filesystem leaves an empty mount point: never
+                # let that look like every file deleted.
+                error = (f"{self.source.path} is empty but had {known} files "
+                         "(not mounted?); keeping them")
+                self.ledger.scan_finished(False, error)
+                log.error("scan of {source}: {error}", source=self.source.id, error=error)
+                return
+        error = None
+        if not result.complete:
+            first = ", ".join(f"{os.fsdecode(p) or '.'} ({why})"
+                              for p, why in result.missed_paths[:3])
+            error = f"{result.missed} entries could not be read: {first}"
+        self.ledger.scan_finished(result.complete, error)
+        self.scans += 1
+        log.info(
+            "scanned {source}: {files} files, {bytes} B in {seconds:.1f}s"
+            "{incomplete}", source=self.source.id, files=result.files,
+            bytes=result.bytes, seconds=time.monotonic() - started,
+            incomplete="" if result.complete else f" (incomplete: {error})")
+
+
+class Listener(Service):
+    """
+    The AMP listener.  Failing to listen (port taken, address not ours) is
+    fatal: logged plainly and the reactor stopped, rather than a server that
+    runs but can never be reached.
+    """
+
+    def __init__(self, endpoint, factory, reactor, where: str):
+        self.endpoint = endpoint
+        self.factory = factory
+        self.reactor = reactor
+        self.where = where
+        self.port = None
+        self.setName("AMP listener")
+
+    def startService(self) -> None:
+        Service.startService(self)
+        d = self.endpoint.listen(self.factory)
+        d.addCallbacks(self._listening, self._failed)
+
+    def _listening(self, port) -> None:
+        self.port = port
+        log.info("listening for backup clients on {where}", where=self.where)
+
+    def _failed(self, failure) -> None:
+        log.critical("cannot listen on {where}: {why}; stopping", where=self.where,
+                     why=failure.getErrorMessage())
+        if self.reactor.running:
+            self.reactor.stop()
+
+    def stopService(self):
+        Service.stopService(self)
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+
+
+class SafemodeWatch(TimerService):
+    """Logs when a ledger leaves (or enters) safemode."""
+
+    def __init__(self, ledgers: dict[str, Ledger], reactor):
+        super().__init__(WATCH_INTERVAL, self.check)
+        self.clock = reactor
+        self.ledgers = ledgers
+        self.last = {source: None for source in ledgers}
+
+    def check(self) -> None:
+        for source, ledger in self.ledgers.items():
+            try:
+                now = ledger.safemode
+            except Exception:
+                log.failure("safemode check of {source}", source=source)
+                continue
+            if now != self.last[source]:
+                log.info("{source}: safemode {state}", source=source,
+                         state="on (waiting for stores to report)" if now else "off")
+                self.last[source] = now
+
+
+def _listen_endpoint(reactor, address: Optional[str], port: int):
+    if address and ":" in address:
+        return TCP6ServerEndpoint(reactor, port, interface=address.strip("[]"))
+    return TCP4ServerEndpoint(reactor, port, interface=address or "")
+
+
+def _bind_address(cluster: Cluster, host: str) -> Optional[str]:
+    """The host's C{address:} when given; else None (all interfaces)."""
+    address = cluster.address_of(host)
+    return None if address == host else address
+
+
+def build(cluster: Cluster, host: str, state_dir: str, reactor) -> MultiService:
+    """
+    The service tree of C{cbackup-server} for C{host}: per source a ledger
+    and a scanner, the rsync daemon, the AMP listener and the safemode
+    watch.  Raises L{ConfigError} for an unreadable C{SECRET FILE}.
+    """
+    options = cluster.options
+    secret = read_secret(cluster)
+    top = MultiService()
+    sources = cluster.sources_on(host)
+    ledgers: dict[str, Ledger] = {}
+    for source in sources:
+        stores = {store.id: store.host for store in cluster.stores_for(source)}
+        ledgers[source.id] = Ledger(
+            source.id, source.copies, reactor, stores,
+            report_interval=options.report_interval, dead_after=options.dead_after)
+        # Stores of this host inside the source are never scanned as data.
+        skip = [store.path for store in cluster.stores_on(host)]
+        SourceScanner(source, ledgers[source.id],
+                      source.rescan or options.rescan, skip, reactor).setServiceParent(top)
+    bind = _bind_address(cluster, host)
+    daemon = RsyncDaemon(
+        reactor, os.path.join(state_dir, "rsyncd"), bind or "0.0.0.0",
+        options.rsync_port, [s.path for s in sources], host, secret=secret)
+    daemon.setName("rsync daemon")
+    daemon.setServiceParent(top)
+    reach = cluster.address_of(host)
+    paths = {s.id: s.path for s in sources}
+
+    def rsync_endpoint(source_id: str):
+        _, port, module, user, password = daemon.endpoint(paths[source_id])
+        return (reach, port, module, user, password)
+
+    backs = {s.id: {store.id for store in cluster.stores_for(s)} for s in sources}
+    factory = ServerFactory(
+        ledgers, {store.id: store.host for store in cluster.stores}, secret, host,
+        rsync_endpoint, reactor, serves=lambda store, source: store in backs.get(source, ()))
+    listener = Listener(_listen_endpoint(reactor, bind, options.port), factory, reactor,
+                        f"{bind or '*'}:{options.port}")
+    listener.setServiceParent(top)
+    SafemodeWatch(ledgers, reactor).setServiceParent(top)
+    top.ledgers = ledgers
+    top.factory = factory
+    top.daemon = daemon
+    return top

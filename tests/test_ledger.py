@@ -1,0 +1,707 @@
+"""
+Tests for L{cluster_backup.ledger}: counting per host, need order, claims,
+leases, safemode, versions, scans, refusals, and (with hypothesis) a model of
+the whole ledger that every sequence of operations must agree with.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from hypothesis import given, strategies as st
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from cluster_backup.ledger import (
+    BadCursor,
+    Ledger,
+    LedgerError,
+    UnknownPath,
+    UnknownStore,
+)
+from cluster_backup.records import FileRecord, ReportAnswer, rank
+
+SOURCE = "src:/data"
+# Two stores on host "a", one on each of "b", "c" and "d".
+STORES = {"a:/1": "a", "a:/2": "a", "b:/1": "b", "c:/1": "c", "d:/1": "d"}
+INTERVAL = 60.0
+DEAD = 3600.0
+TTL = 300.0
+
+
+def rec(path: bytes, size: int = 10, mtime: int = 1) -> FileRecord:
+    return FileRecord(path, size, mtime)
+
+
+def make(copies: int = 2, stores=STORES, files=(), safemode=False):
+    """
+    A ledger with a Clock, after one complete scan of C{files} (paths or
+    records); out of safemode (every store inventoried, empty) unless
+    C{safemode}.
+    """
+    clock = Clock()
+    ledger = Ledger(
+        SOURCE, copies, clock, stores,
+        report_interval=INTERVAL, dead_after=DEAD, claim_ttl=TTL,
+    )
+    if files is not None:
+        scan(ledger, files)
+    if not safemode:
+        for store in stores:
+            ledger.inventory_started(store)
+            ledger.inventory_finished(store)
+    return ledger, clock
+
+
+def scan(ledger, files, complete=True, error=None):
+    ledger.scan_started()
+    ledger.scan_batch([f if isinstance(f, FileRecord) else rec(f) for f in files])
+    ledger.scan_finished(complete, error)
+
+
+def needs_all(ledger, store, limit=10_000):
+    needs, cursor = ledger.needs(store, None, limit)
+    assert cursor is None
+    return needs
+
+
+def snapshot(ledger):
+    """Everything observable, to show a refused call changed nothing."""
+    return (
+        ledger.status(),
+        ledger.store_status(),
+        {s: ledger.needs(s, None, 100) for s in STORES},
+    )
+
+
+class CountingTests(SynchronousTestCase):
+    """Copies are counted once per distinct host, at the current version."""
+
+    def test_two_stores_on_one_host_are_one_copy(self):
+        ledger, _ = make(files=[b"f"])
+        ledger.report("a:/1", [rec(b"f")])
+        ledger.report("a:/2", [rec(b"f")])
+        self.assertEqual(ledger.status().histogram, {1: [1, 10]})
+        ledger.report("b:/1", [rec(b"f")])
+        self.assertEqual(ledger.status().histogram, {2: [1, 10]})
+
+    def test_status_totals(self):
+        ledger, _ = make(files=[rec(b"x", 5), rec(b"y", 7), rec(b"z", 11)])
+        ledger.report("a:/1", [rec(b"x", 5), rec(b"y", 7)])
+        ledger.report("b:/1", [rec(b"x", 5)])
+        status = ledger.status()
+        self.assertEqual((status.files, status.bytes), (3, 23))
+        self.assertEqual(status.histogram, {0: [1, 11], 1: [1, 7], 2: [1, 5]})
+        self.assertEqual((status.under_files, status.under_bytes), (2, 18))
+        self.assertFalse(status.safemode)
+        self.assertEqual(status.source, SOURCE)
+        self.assertEqual(status.copies, 2)
+
+    def test_store_status_counts_current_holdings(self):
+        ledger, clock = make(files=[rec(b"x", 5), rec(b"y", 7)])
+        clock.advance(10)
+        ledger.report("a:/1", [rec(b"x", 5), rec(b"y", 8)], used=100, quota=1000)
+        clock.advance(5)
+        by_store = {s.store: s for s in ledger.store_status()}
+        a1 = by_store["a:/1"]
+        self.assertEqual((a1.files, a1.bytes, a1.used, a1.quota), (1, 5, 100, 1000))
+        self.assertEqual((a1.state, a1.last_report_age, a1.host), ("live", 5, "a"))
+
+
+class NeedsTests(SynchronousTestCase):
+    """Needs come rarest first, per-store shuffled, without the host's files."""
+
+    def test_priority_order(self):
+        stores = dict(STORES, **{"e:/1": "e"})
+        paths = [b"zero", b"one", b"two", b"three"]
+        ledger, _ = make(copies=3, stores=stores, files=paths)
+        ledger.report("a:/1", [rec(b"one"), rec(b"two"), rec(b"three")])
+        ledger.report("b:/1", [rec(b"two"), rec(b"three")])
+        ledger.report("c:/1", [rec(b"three")])
+        needs = needs_all(ledger, "e:/1")
+        self.assertEqual([n.path for n in needs], paths)
+        self.assertEqual([n.copies for n in needs], [0, 1, 2, 3])
+        self.assertEqual({n.wanted for n in needs}, {3})
+
+    def test_surplus_after_under_replicated(self):
+        files = [b"f%d" % n for n in range(20)]
+        ledger, _ = make(copies=1, files=files)
+        ledger.report("b:/1", [rec(p) for p in files[:10]])
+        needs = needs_all(ledger, "c:/1")
+        self.assertEqual({n.path for n in needs[:10]}, set(files[10:]))
+        self.assertEqual({n.path for n in needs[10:]}, set(files[:10]))
+        ranks = [rank(n.copies, n.wanted) for n in needs]
+        self.assertEqual(ranks, sorted(ranks))
+
+    def test_order_differs_per_store_and_is_stable(self):
+        files = [b"dir/file%04d" % n for n in range(300)]
+        ledger, _ = make(files=files)
+        b = [n.path for n in needs_all(ledger, "b:/1")]
+        c = [n.path for n in needs_all(ledger, "c:/1")]
+        self.assertEqual(sorted(b), sorted(files))
+        self.assertEqual(sorted(c), sorted(files))
+        self.assertNotEqual(b[:10], c[:10])
+        self.assertEqual(b, [n.path for n in needs_all(ledger, "b:/1")])
+
+    def test_paging_covers_everything_once(self):
+        files = [b"p%03d" % n for n in range(100)]
+        ledger, _ = make(files=files)
+        ledger.report("b:/1", [rec(p) for p in files[:30]])
+        seen, cursor, pages = [], None, 0
+        while True:
+            page, cursor = ledger.needs("c:/1", cursor, 7)
+            self.assertLessEqual(len(page), 7)
+            seen.extend(n.path for n in page)
+            pages += 1
+            if cursor is None:
+                break
+        self.assertEqual(sorted(seen), files)
+        self.assertEqual(len(seen), len(set(seen)))
+        self.assertEqual(seen, [n.path for n in needs_all(ledger, "c:/1")])
+        self.assertGreater(pages, 10)
+
+    def test_excludes_what_the_host_holds(self):
+        ledger, _ = make(files=[b"f", b"g"])
+        ledger.report("a:/1", [rec(b"f")])
+        self.assertEqual([n.path for n in needs_all(ledger, "a:/2")], [b"g"])
+        self.assertEqual({n.path for n in needs_all(ledger, "b:/1")}, {b"f", b"g"})
+
+    def test_excludes_what_the_host_claims(self):
+        ledger, _ = make(files=[b"f", b"g"])
+        self.assertEqual(ledger.claim("a:/1", [b"f"]), [b"f"])
+        self.assertEqual([n.path for n in needs_all(ledger, "a:/2")], [b"g"])
+        copies = {n.path: n.copies for n in needs_all(ledger, "b:/1")}
+        self.assertEqual(copies, {b"f": 1, b"g": 0})
+
+    def test_bad_cursor(self):
+        ledger, _ = make(files=[b"f"])
+        self.assertRaises(BadCursor, ledger.needs, "b:/1", b"nonsense", 10)
+        self.assertTrue(issubclass(BadCursor, LedgerError))
+
+
+class ClaimTests(SynchronousTestCase):
+    """A claim counts as a copy on the claimer's host for claim_ttl."""
+
+    def test_claim_counts_as_copy_not_in_histogram(self):
+        ledger, _ = make(copies=1, files=[b"f", b"g"])
+        self.assertEqual(ledger.claim("b:/1", [b"f"]), [b"f"])
+        self.assertEqual({n.path: n.copies for n in needs_all(ledger, "c:/1")},
+                         {b"g": 0, b"f": 1})
+        # A copy for the purpose of claims: f has enough while g does not.
+        self.assertEqual(ledger.claim("c:/1", [b"f"]), [])
+        self.assertEqual(ledger.status().histogram, {0: [2, 20]})
+        claims = {s.store: s.claims for s in ledger.store_status()}
+        self.assertEqual(claims["b:/1"], 1)
+
+    def test_claim_expires(self):
+        ledger, clock = make(copies=1, files=[b"f", b"g"])
+        ledger.claim("b:/1", [b"f"])
+        clock.advance(TTL - 1)
+        self.assertEqual(ledger.claim("c:/1", [b"f"]), [])
+        clock.advance(1)
+        self.assertEqual(ledger.claim("c:/1", [b"f"]), [b"f"])
+        claims = {s.store: s.claims for s in ledger.store_status()}
+        self.assertEqual((claims["b:/1"], claims["c:/1"]), (0, 1))
+
+    def test_reclaim_renews(self):
+        ledger, clock = make(copies=1, files=[b"f", b"g"])
+        ledger.claim("b:/1", [b"f"])
+        clock.advance(TTL - 1)
+        self.assertEqual(ledger.claim("b:/1", [b"f"]), [b"f"])
+        clock.advance(TTL - 1)
+        self.assertEqual(ledger.claim("c:/1", [b"f"]), [])
+        self.assertEqual({n.path: n.copies for n in needs_all(ledger, "c:/1")},
+                         {b"g": 0, b"f": 1})
+
+    def test_refused_when_host_holds_or_claims(self):
+        ledger, _ = make(files=[b"f", b"g"])
+        ledger.report("a:/1", [rec(b"f")])
+        self.assertEqual(ledger.claim("a:/2", [b"f"]), [])
+        ledger.claim("a:/1", [b"g"])
+        self.assertEqual(ledger.claim("a:/2", [b"g"]), [])
+        self.assertEqual(ledger.claim("b:/1", [b"f", b"g"]), [b"f", b"g"])
+
+    def test_greedy_fill_only_when_nothing_is_under(self):
+        ledger, _ = make(copies=1, files=[b"f", b"g"])
+        ledger.report("b:/1", [rec(b"f")])
+        self.assertEqual(ledger.claim("c:/1", [b"f"]), [])
+        ledger.report("d:/1", [rec(b"g")])
+        self.assertEqual(ledger.claim("c:/1", [b"f"]), [b"f"])
+
+    def test_release(self):
+        ledger, _ = make(copies=1, files=[b"f", b"g"])
+        ledger.claim("b:/1", [b"f"])
+        ledger.release("b:/1", [b"f", b"g"])
+        self.assertEqual(ledger.claim("c:/1", [b"f"]), [b"f"])
+        self.assertEqual({s.store: s.claims for s in ledger.store_status()}["b:/1"], 0)
+
+    def test_holding_ends_the_claim(self):
+        ledger, clock = make(copies=2, files=[b"f"])
+        ledger.claim("b:/1", [b"f"])
+        ledger.report("b:/1", [rec(b"f")])
+        self.assertEqual({s.store: s.claims for s in ledger.store_status()}["b:/1"], 0)
+        clock.advance(TTL)
+        self.assertEqual(ledger.status().histogram, {1: [1, 10]})
+
+
+class LeaseTests(SynchronousTestCase):
+    """Silent stores go stale, then dead; dead stores' copies stop counting."""
+
+    def test_states(self):
+        ledger, clock = make(files=[b"f"], safemode=True)
+        self.assertEqual({s.state for s in ledger.store_status()}, {"new"})
+        ledger.report("b:/1", [rec(b"f")])
+        clock.advance(3 * INTERVAL - 1)
+        states = {s.store: s.state for s in ledger.store_status()}
+        self.assertEqual((states["b:/1"], states["c:/1"]), ("live", "new"))
+        clock.advance(1)
+        self.assertEqual({s.store: s.state for s in ledger.store_status()}["b:/1"], "stale")
+        self.assertEqual(ledger.status().histogram, {1: [1, 10]})
+        clock.advance(DEAD - 3 * INTERVAL)
+        self.assertEqual({s.store: s.state for s in ledger.store_status()}["b:/1"], "dead")
+
+    def test_dead_copies_stop_counting_and_come_back(self):
+        ledger, clock = make(copies=1, files=[b"f", b"g"])
+        ledger.report("b:/1", [rec(b"f"), rec(b"g")])
+        ledger.report("c:/1", [rec(b"g")])
+        self.assertEqual({n.path: n.copies for n in needs_all(ledger, "d:/1")},
+                         {b"f": 1, b"g": 2})
+        clock.advance(DEAD - 1)
+        ledger.report("c:/1")
+        clock.advance(1)
+        self.assertEqual(ledger.status().histogram, {0: [1, 10], 1: [1, 10]})
+        self.assertEqual([(n.path, n.copies) for n in needs_all(ledger, "d:/1")],
+                         [(b"f", 0), (b"g", 1)])
+        ledger.report("b:/1")
+        self.assertEqual(ledger.status().histogram, {1: [1, 10], 2: [1, 10]})
+
+
+class SafemodeTests(SynchronousTestCase):
+    """After a start: no needs, claims or drops until stores re-reported."""
+
+    def test_blocks_needs_claims_drops(self):
+        ledger, _ = make(copies=1, files=[b"f"], safemode=True)
+        ledger.report("b:/1", [rec(b"f")])
+        ledger.report("c:/1", [rec(b"f")])
+        self.assertTrue(ledger.safemode)
+        self.assertEqual(ledger.needs("d:/1", None, 10), ([], None))
+        self.assertEqual(ledger.claim("d:/1", [b"f"]), [])
+        self.assertEqual(ledger.drop("b:/1", [b"f"]), [])
+        self.assertTrue(ledger.status().safemode)
+        self.assertEqual(ledger.status().histogram, {2: [1, 10]})
+
+    def test_ends_when_every_store_inventoried(self):
+        ledger, _ = make(copies=1, files=[b"f"], safemode=True)
+        stores = list(STORES)
+        for store in stores[:-1]:
+            ledger.inventory_started(store)
+            ledger.inventory_finished(store)
+        self.assertTrue(ledger.safemode)
+        ledger.inventory_started(stores[-1])
+        ledger.report(stores[-1], [rec(b"f")])
+        self.assertTrue(ledger.safemode)
+        ledger.inventory_finished(stores[-1])
+        self.assertFalse(ledger.safemode)
+        self.assertEqual(ledger.drop(stores[-1], [b"f"]), [])
+
+    def test_ends_after_five_intervals(self):
+        ledger, clock = make(copies=1, files=[b"f", b"g"], safemode=True)
+        ledger.report("b:/1", [rec(b"f")])
+        ledger.report("c:/1", [rec(b"f")])
+        clock.advance(5 * INTERVAL - 1)
+        self.assertTrue(ledger.safemode)
+        self.assertEqual(ledger.claim("d:/1", [b"g"]), [])
+        clock.advance(1)
+        self.assertEqual(ledger.claim("d:/1", [b"g"]), [b"g"])
+        self.assertFalse(ledger.safemode)
+        self.assertEqual(ledger.drop("b:/1", [b"f"]), [b"f"])
+        self.assertEqual(len(needs_all(ledger, "a:/1")), 2)
+
+    def test_no_stores_no_safemode(self):
+        ledger = Ledger(SOURCE, 1, Clock(), {})
+        self.assertFalse(ledger.safemode)
+
+
+class VersionTests(SynchronousTestCase):
+    """Only copies at the current version (size, mtime) count."""
+
+    def test_changed_version_makes_copies_stale(self):
+        ledger, _ = make(copies=1, files=[rec(b"f", 10, 1)])
+        self.assertEqual(ledger.report("b:/1", [rec(b"f", 10, 1)]), ReportAnswer([], []))
+        scan(ledger, [rec(b"f", 12, 2)])
+        self.assertEqual(ledger.status().histogram, {0: [1, 12]})
+        self.assertEqual(ledger.report("b:/1").stale, [b"f"])
+        self.assertEqual(ledger.report("b:/1", [rec(b"f", 10, 1)]).stale, [b"f"])
+        self.assertEqual(needs_all(ledger, "b:/1")[0].size, 12)
+        self.assertEqual(ledger.report("b:/1", [rec(b"f", 12, 2)]), ReportAnswer([], []))
+        self.assertEqual(ledger.status().histogram, {1: [1, 12]})
+
+    def test_report_of_other_version_is_stale(self):
+        ledger, _ = make(files=[rec(b"f", 10, 5)])
+        self.assertEqual(ledger.report("b:/1", [rec(b"f", 10, 4)]).stale, [b"f"])
+        self.assertEqual(ledger.status().histogram, {0: [1, 10]})
+        self.assertEqual({s.store: s.files for s in ledger.store_status()}["b:/1"], 0)
+
+    def test_stale_and_orphan_copies_can_always_be_dropped(self):
+        ledger, _ = make(copies=2, files=[rec(b"f", 10, 1), rec(b"g")])
+        ledger.report("b:/1", [rec(b"f", 10, 9), rec(b"gone")])
+        self.assertEqual(ledger.drop("b:/1", [b"f", b"gone"]), [b"f", b"gone"])
+        self.assertRaises(UnknownPath, ledger.drop, "b:/1", [b"gone"])
+
+
+class ScanTests(SynchronousTestCase):
+    """Only a complete scan removes files; orphans need a complete scan."""
+
+    def test_incomplete_scan_keeps_files(self):
+        ledger, clock = make(files=[b"f", b"g"])
+        clock.advance(100)
+        scan(ledger, [b"h"], complete=False, error="permission denied")
+        status = ledger.status()
+        self.assertEqual((status.files, status.scan_error, status.scanned), (3, "permission denied", 0))
+        self.assertTrue(ledger.knows(b"f"))
+        scan(ledger, [], complete=False, error="no such directory")
+        self.assertEqual(ledger.status().files, 3)
+
+    def test_complete_scan_removes_and_orphans(self):
+        ledger, clock = make(files=[b"f", b"g"])
+        ledger.report("b:/1", [rec(b"f"), rec(b"g")])
+        clock.advance(100)
+        scan(ledger, [b"g"])
+        status = ledger.status()
+        self.assertEqual((status.files, status.scanned, status.scan_error), (1, 100, None))
+        self.assertFalse(ledger.knows(b"f"))
+        self.assertEqual(ledger.report("b:/1").orphans, [b"f"])
+        self.assertEqual(ledger.report("b:/1", [rec(b"f")]).orphans, [b"f"])
+        self.assertEqual({s.store: s.files for s in ledger.store_status()}["b:/1"], 1)
+
+    def test_orphans_only_after_complete_scan(self):
+        clock = Clock()
+        ledger = Ledger(SOURCE, 1, clock, STORES)
+        self.assertEqual(ledger.report("b:/1", [rec(b"f"), rec(b"x")]), ReportAnswer([], []))
+        ledger.inventory_started("c:/1")
+        ledger.report("c:/1", [rec(b"x")])
+        ledger.scan_started()
+        ledger.scan_batch([rec(b"f")])
+        self.assertEqual(ledger.status().histogram, {1: [1, 10]})
+        scan_answer = ledger.report("b:/1")
+        self.assertEqual(scan_answer.orphans, [])
+        ledger.scan_finished(True)
+        self.assertEqual(ledger.report("b:/1").orphans, [b"x"])
+        self.assertEqual(ledger.inventory_finished("c:/1").orphans, [b"x"])
+        self.assertEqual(ledger.status().histogram, {1: [1, 10]})
+
+    def test_reappearing_file_adopts_orphan_copies(self):
+        ledger, _ = make(copies=1, files=[b"f"])
+        ledger.report("b:/1", [rec(b"f")])
+        scan(ledger, [])
+        self.assertEqual(ledger.status().files, 0)
+        scan(ledger, [b"f"])
+        self.assertEqual(ledger.status().histogram, {1: [1, 10]})
+
+    def test_complete_finish_needs_a_start(self):
+        ledger, _ = make(files=[b"f"])
+        self.assertRaises(LedgerError, ledger.scan_finished, True)
+        self.assertTrue(ledger.knows(b"f"))
+
+
+class InventoryTests(SynchronousTestCase):
+    """An inventory replaces what the ledger thinks a store holds."""
+
+    def test_unreported_holdings_forgotten(self):
+        ledger, _ = make(files=[b"f", b"g", b"h"])
+        ledger.report("b:/1", [rec(b"f"), rec(b"g"), rec(b"h", 1, 1), rec(b"old")])
+        ledger.inventory_started("b:/1")
+        ledger.report("b:/1", [rec(b"g")])
+        answer = ledger.inventory_finished("b:/1")
+        self.assertEqual(answer, ReportAnswer([], []))
+        self.assertEqual({s.store: s.files for s in ledger.store_status()}["b:/1"], 1)
+        self.assertEqual(ledger.status().histogram, {0: [2, 20], 1: [1, 10]})
+        self.assertRaises(UnknownPath, ledger.drop, "b:/1", [b"old"])
+        self.assertEqual(ledger.drop("b:/1", [b"h"]), [])
+
+    def test_finish_needs_a_start(self):
+        ledger, _ = make(files=[b"f"])
+        self.assertRaises(LedgerError, ledger.inventory_finished, "b:/1")
+
+
+class DropTests(SynchronousTestCase):
+    """A drop is granted only while copies other live hosts remain."""
+
+    def test_needs_copies_on_other_hosts(self):
+        ledger, _ = make(copies=2, files=[b"f"])
+        ledger.report("a:/1", [rec(b"f")])
+        ledger.report("a:/2", [rec(b"f")])
+        ledger.report("b:/1", [rec(b"f")])
+        # Two hosts hold it: nobody may drop, not even a same-host duplicate.
+        self.assertEqual(ledger.drop("a:/1", [b"f"]), [])
+        self.assertEqual(ledger.drop("b:/1", [b"f"]), [])
+        ledger.report("c:/1", [rec(b"f")])
+        self.assertEqual(ledger.drop("b:/1", [b"f"]), [b"f"])
+        # Counted at once: c may not drop too.
+        self.assertEqual(ledger.drop("c:/1", [b"f"]), [])
+        self.assertEqual(ledger.status().histogram, {2: [1, 10]})
+
+    def test_claims_do_not_count(self):
+        ledger, _ = make(copies=1, files=[b"f"])
+        ledger.report("b:/1", [rec(b"f")])
+        ledger.claim("c:/1", [b"f"])
+        self.assertEqual(ledger.drop("b:/1", [b"f"]), [])
+
+    def test_dead_copies_do_not_count(self):
+        ledger, clock = make(copies=1, files=[b"f"])
+        ledger.report("b:/1", [rec(b"f")])
+        ledger.report("c:/1", [rec(b"f")])
+        clock.advance(DEAD)
+        ledger.report("b:/1")
+        self.assertEqual(ledger.drop("b:/1", [b"f"]), [])
+        ledger.report("c:/1")
+        self.assertEqual(ledger.drop("b:/1", [b"f"]), [b"f"])
+
+    def test_not_held_not_granted(self):
+        ledger, _ = make(copies=1, files=[b"f"])
+        ledger.report("b:/1", [rec(b"f")])
+        ledger.report("c:/1", [rec(b"f")])
+        self.assertEqual(ledger.drop("d:/1", [b"f"]), [])
+        self.assertEqual(ledger.status().histogram, {2: [1, 10]})
+
+
+class RefusalTests(SynchronousTestCase):
+    """Unknown stores and paths raise and change nothing."""
+
+    def setUp(self):
+        self.ledger, self.clock = make(copies=1, files=[b"f", b"g"])
+        self.ledger.report("b:/1", [rec(b"f")])
+        self.ledger.report("c:/1", [rec(b"f")])
+        self.ledger.claim("d:/1", [b"g"])
+
+    def test_unknown_store(self):
+        before = snapshot(self.ledger)
+        calls = [
+            lambda: self.ledger.inventory_started("x:/1"),
+            lambda: self.ledger.inventory_finished("x:/1"),
+            lambda: self.ledger.report("x:/1", [rec(b"g")]),
+            lambda: self.ledger.needs("x:/1", None, 10),
+            lambda: self.ledger.claim("x:/1", [b"g"]),
+            lambda: self.ledger.release("d:/2", [b"g"]),
+            lambda: self.ledger.drop("x:/1", [b"f"]),
+        ]
+        for call in calls:
+            e = self.assertRaises(UnknownStore, call)
+            self.assertIsInstance(e, LedgerError)
+        self.assertEqual(snapshot(self.ledger), before)
+
+    def test_unknown_path(self):
+        before = snapshot(self.ledger)
+        e = self.assertRaises(UnknownPath, self.ledger.claim, "a:/1", [b"f", b"nope", b"nor"])
+        self.assertEqual(e.args, (b"nope",))
+        self.assertRaises(UnknownPath, self.ledger.release, "d:/1", [b"g", b"nope"])
+        self.assertRaises(UnknownPath, self.ledger.drop, "b:/1", [b"f", b"nope"])
+        self.assertEqual(snapshot(self.ledger), before)
+        self.assertEqual(self.ledger.drop("b:/1", [b"f"]), [b"f"])
+
+
+# -- a model of the ledger, checked against every sequence of operations ------
+
+PATHS = [b"f0", b"f1", b"f2"]
+VERSIONS = [(10, 1), (10, 2), (20, 1)]
+COPIES = 2
+stores_st = st.sampled_from(sorted(STORES))
+paths_st = st.sampled_from(PATHS)
+ops_st = st.lists(
+    st.one_of(
+        # Fetches and drops are weighted up, so drops get granted often.
+        st.tuples(st.just("fetch"), st.sets(stores_st, min_size=1), paths_st),
+        st.tuples(st.just("drop"), stores_st, paths_st),
+        st.tuples(st.just("claim"), stores_st, paths_st),
+        st.tuples(st.just("release"), stores_st, paths_st),
+        st.tuples(st.just("drop"), stores_st, paths_st),
+        st.tuples(st.just("lose"), stores_st, paths_st),
+        st.tuples(st.just("report"), stores_st),
+        st.tuples(st.just("inventory"), stores_st),
+        st.tuples(st.just("advance"), st.sampled_from([1, 30, 200, 400, 4000])),
+        st.tuples(
+            st.just("rescan"),
+            st.dictionaries(paths_st, st.sampled_from(VERSIONS)),
+            st.booleans(),
+        ),
+    ),
+    min_size=15,
+    max_size=80,
+)
+
+
+class Model:
+    """What the ledger should say, computed the slow, obvious way."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.current = {p: VERSIONS[0] for p in PATHS}
+        self.truth = {s: {} for s in STORES}  # what each store really holds
+        self.last = {}
+        self.claims = {}  # (store, path) -> deadline
+        self.inventoried = set()
+
+    @property
+    def now(self):
+        return self.clock.seconds()
+
+    @property
+    def safe(self):
+        return self.now < 5 * INTERVAL and self.inventoried != set(STORES)
+
+    def live(self, store):
+        return store in self.last and self.now - self.last[store] < DEAD
+
+    def holds(self, store, path):
+        return path in self.current and self.truth[store].get(path) == self.current[path]
+
+    def hosts(self, path, exclude_host=None):
+        return {
+            STORES[t] for t in STORES
+            if self.live(t) and self.holds(t, path) and STORES[t] != exclude_host
+        }
+
+    def claimers(self, path):
+        return {t for (t, p), d in self.claims.items() if p == path and d > self.now}
+
+    def with_claims(self, path):
+        return len(self.hosts(path) | {STORES[t] for t in self.claimers(path)})
+
+    def host_has(self, store, path):
+        mates = [t for t in STORES if STORES[t] == STORES[store]]
+        return any(self.holds(t, path) for t in mates) or any(
+            STORES[t] == STORES[store] for t in self.claimers(path)
+        )
+
+
+class ModelTests(SynchronousTestCase):
+    """Any order of reports, claims, drops, time and rescans keeps the rules."""
+
+    @given(st.booleans(), ops_st)
+    def test_ledger_agrees_with_model(self, start_safe, ops):
+        clock = Clock()
+        ledger = Ledger(SOURCE, COPIES, clock, STORES, report_interval=INTERVAL,
+                        dead_after=DEAD, claim_ttl=TTL)
+        scan(ledger, [rec(p, *VERSIONS[0]) for p in PATHS])
+        model = Model(clock)
+        if not start_safe:
+            clock.advance(5 * INTERVAL)
+            self.assertFalse(ledger.safemode)
+        for op in ops:
+            getattr(self, "do_" + op[0])(ledger, model, *op[1:])
+            self.check(ledger, model)
+
+    def do_fetch(self, ledger, model, stores, path):
+        for store in sorted(stores):
+            if path in model.current:
+                model.truth[store][path] = model.current[path]
+                model.claims.pop((store, path), None)
+                model.last[store] = model.now
+                ledger.report(store, [rec(path, *model.current[path])])
+
+    def do_lose(self, ledger, model, store, path):
+        if path in model.truth[store]:
+            del model.truth[store][path]
+            model.last[store] = model.now
+            ledger.report(store, removed=[path])
+
+    def do_report(self, ledger, model, store):
+        model.last[store] = model.now
+        ledger.report(store)
+
+    def do_inventory(self, ledger, model, store):
+        model.last[store] = model.now
+        ledger.inventory_started(store)
+        ledger.report(store, [rec(p, *v) for p, v in sorted(model.truth[store].items())])
+        ledger.inventory_finished(store)
+        model.inventoried.add(store)
+
+    def do_advance(self, ledger, model, seconds):
+        clock_before = model.now
+        model.clock.advance(seconds)
+        self.assertEqual(model.now, clock_before + seconds)
+
+    def do_rescan(self, ledger, model, files, complete):
+        scan(ledger, [rec(p, *v) for p, v in sorted(files.items())],
+             complete, None if complete else "boom")
+        if complete:
+            model.current = dict(files)
+            for key in [k for k in model.claims if k[1] not in files]:
+                del model.claims[key]
+        else:
+            model.current.update(files)
+        # A store whose copy became current again is done fetching it.
+        for key in [k for k in model.claims if model.holds(*k)]:
+            del model.claims[key]
+
+    def do_claim(self, ledger, model, store, path):
+        if path not in model.current:
+            self.assertRaises(UnknownPath, ledger.claim, store, [path])
+            return
+        renew = store in model.claimers(path)
+        under = any(model.with_claims(p) < COPIES for p in model.current)
+        expected = not model.safe and (
+            renew
+            or (not model.host_has(store, path)
+                and (model.with_claims(path) < COPIES or not under))
+        )
+        granted = ledger.claim(store, [path])
+        self.assertEqual(granted, [path] if expected else [])
+        if expected:
+            model.claims[(store, path)] = model.now + TTL
+
+    def do_release(self, ledger, model, store, path):
+        if path not in model.current:
+            self.assertRaises(UnknownPath, ledger.release, store, [path])
+            return
+        ledger.release(store, [path])
+        model.claims.pop((store, path), None)
+
+    def do_drop(self, ledger, model, store, path):
+        held = model.truth[store]
+        if path not in model.current and path not in held:
+            self.assertRaises(UnknownPath, ledger.drop, store, [path])
+            return
+        others = model.hosts(path, exclude_host=STORES[store])
+        expected = not model.safe and path in held and (
+            not model.holds(store, path) or len(others) >= COPIES
+        )
+        granted = ledger.drop(store, [path])
+        self.assertEqual(granted, [path] if expected else [])
+        if granted:
+            self.drops_granted = getattr(self, "drops_granted", 0) + 1
+            current = model.holds(store, path)
+            del held[path]
+            if current:
+                # The rule itself: enough live current copies elsewhere.
+                self.assertGreaterEqual(
+                    len(model.hosts(path, exclude_host=STORES[store])), COPIES
+                )
+
+    def check(self, ledger, model):
+        status = ledger.status()
+        histogram = Counter()
+        sizes = Counter()
+        for path, version in model.current.items():
+            n = len(model.hosts(path))
+            histogram[n] += 1
+            sizes[n] += version[0]
+        self.assertEqual(status.histogram, {n: [histogram[n], sizes[n]] for n in histogram})
+        self.assertEqual(status.files, len(model.current))
+        self.assertEqual(status.safemode, model.safe)
+        for s in ledger.store_status():
+            self.assertEqual(s.files, sum(model.holds(s.store, p) for p in model.current))
+            self.assertEqual(s.claims, len([k for k, d in model.claims.items()
+                                            if k[0] == s.store and d > model.now]))
+        for store in STORES:
+            needs = needs_all(ledger, store)
+            if model.safe:
+                self.assertEqual(needs, [])
+                continue
+            expected = {
+                p: model.with_claims(p) for p in model.current
+                if not model.host_has(store, p)
+            }
+            self.assertEqual({n.path: n.copies for n in needs}, expected)
+            ranks = [rank(n.copies, n.wanted) for n in needs]
+            self.assertEqual(ranks, sorted(ranks))
