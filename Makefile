@@ -40,8 +40,7 @@ trial: $(STAMP) rsync
 	$(PY) -m twisted.trial tests
 
 bench: $(STAMP) rsync
-	@ls benchmarks/bench_*.py >/dev/null 2>&1 || { echo "no benchmarks yet"; exit 0; }
-	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+	for b in benchmarks/bench_*.py; do $(PY) $$b --record || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis _trial_temp* *.egg-info twisted/plugins/dropin.cache

@@ -27,6 +27,13 @@ class Options(ClusterOptions):
 
 def makeService(options: Options) -> IService:
     """Build the client's service tree; nothing connects until it starts."""
-    raise SystemExit(
-        "cbackup-client: the client is not built yet in this version "
-        "(the config is valid; see `cbackup check`)")
+    from twisted.internet import reactor
+
+    from cluster_backup.client import build
+    from cluster_backup.config import ConfigError
+    from cluster_backup.store import StoreError
+
+    try:
+        return build(options["cluster"], options["host"], reactor)
+    except (ConfigError, StoreError, OSError, ValueError) as e:
+        raise SystemExit(f"cbackup-client: {e}")

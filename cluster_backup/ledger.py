@@ -9,7 +9,8 @@ mtime, hash and copy count live in parallel lists and arrays, and its current
 holders are one small int, a bitmask of store indexes (masks are interned, so
 most files share a handful of int objects).  Files are indexed by live copy
 count ("tier") and, inside a tier, by a bucket of their path hash, so a page
-of needs touches a few buckets instead of sorting every file.  Everything
+of needs touches a few buckets instead of sorting every file; a page of a
+store's surplus copies walks the tiers above C{copies} the same way.  Everything
 that depends on time (claims expiring, stores going dead, safemode ending) is
 evaluated lazily when a method is called.
 
@@ -41,7 +42,8 @@ _BUCKETS = 1 << (32 - _BUCKET_SHIFT)
 # it answers a short page with a cursor rather than stalling the server.
 _SCAN_BUDGET = 50_000
 _CURSOR = struct.Struct(">BHHIQ")
-_CURSOR_TAG = 1
+_CURSOR_TAG = 1  # needs() cursors
+_SURPLUS_TAG = 2  # surplus() cursors: a needs cursor is no surplus cursor
 
 
 class LedgerError(Exception):
@@ -57,7 +59,7 @@ class UnknownPath(LedgerError):
 
 
 class BadCursor(LedgerError):
-    """A needs() cursor that this ledger did not produce."""
+    """A needs() or surplus() cursor that this ledger did not produce."""
 
 
 def _path_hash(path: bytes) -> int:
@@ -678,7 +680,7 @@ class Ledger:
         """
         s = self._store(store)
         self._tick()
-        start = self._decode(cursor)
+        start = self._decode(cursor, _CURSOR_TAG)
         if self._safe or limit <= 0:
             return [], None
         mine = self._same_host[s]
@@ -729,16 +731,107 @@ class Ledger:
         return out, None
 
     @staticmethod
-    def _decode(cursor: Optional[bytes]) -> Optional[tuple[int, int, int, int]]:
+    def _decode(
+        cursor: Optional[bytes], expected: int
+    ) -> Optional[tuple[int, int, int, int]]:
         if cursor is None:
             return None
         try:
             tag, c, r, k, i = _CURSOR.unpack(cursor)
         except (struct.error, TypeError):
             raise BadCursor(cursor) from None
-        if tag != _CURSOR_TAG or r >= _BUCKETS:
+        if tag != expected or r >= _BUCKETS:
             raise BadCursor(cursor)
         return c, r, k, i
+
+    def surplus(
+        self, store: str, cursor: Optional[bytes], limit: int
+    ) -> tuple[list[Need], Optional[bytes]]:
+        """
+        Up to C{limit} files C{store} holds at the current version that have
+        more live copies than C{copies}, most copies first; and a cursor for
+        the next page, or C{None} at the end.  These are the copies a full
+        store may ask to drop (DESIGN.md rules 4 and 5).
+
+        A need's C{copies} counts real holdings only (distinct hosts, live
+        stores, current version; claims do not count), the count L{drop}
+        decides by: a live store's file is listed exactly when L{drop} would
+        grant it now.  C{wanted} is C{copies}.  Inside one count the order
+        is a per-store rotation of the hash order, as in L{needs}.  Nothing
+        in safemode.  A page may be short, with a cursor, when a call has
+        examined many files the store does not hold.
+        """
+        s = self._store(store)
+        self._tick()
+        start = self._decode(cursor, _SURPLUS_TAG)
+        if self._safe or limit <= 0 or not self._held_files[s]:
+            return [], None
+        bit = 1 << s
+        wanted = self.copies
+        salt = self._salt[s]
+        b0 = salt >> _BUCKET_SHIFT
+        holders = self._holders
+        hashes = self._hash
+        claims = self._claims
+        paths = self._paths
+        sizes = self._size
+        mtimes = self._mtime
+        tiers = self._tiers
+        live = self._live
+        ncopies = self._ncopies
+        # A claim raises a file's tier above its real count: claimed files
+        # this store holds are placed by their real count, apart from tiers.
+        extra: dict[int, dict[int, list[int]]] = {}  # count -> bucket -> ids
+        for i in claims:
+            m = holders[i]
+            if m & bit:
+                m &= live
+                n = ncopies.get(m)
+                if n is None:
+                    n = self._hosts_in(m)
+                if n > wanted:
+                    b = hashes[i] >> _BUCKET_SHIFT
+                    extra.setdefault(n, {}).setdefault(b, []).append(i)
+        counts = {c for c, t in tiers.items() if c > wanted and t.files}
+        counts.update(extra)
+        budget = _SCAN_BUDGET
+        out: list[Need] = []
+        for c in sorted(counts, reverse=True):
+            if start is not None and c > start[0]:
+                continue
+            tier = tiers.get(c)
+            buckets = tier.buckets if tier is not None else {}
+            more = extra.get(c)
+            order = tier.order if tier is not None else []
+            if more:
+                order = sorted(set(order).union(more))
+            resume = start is not None and c == start[0]
+            r0 = start[1] if resume else 0
+            split = bisect_left(order, b0)
+            if b0 + r0 < _BUCKETS:
+                first = order[bisect_left(order, b0 + r0):]
+                rest = order[:split]
+            else:
+                first = []
+                rest = order[bisect_left(order, b0 + r0 - _BUCKETS):split]
+            for b in first + rest:
+                r = (b - b0) % _BUCKETS
+                bucket = buckets.get(b, ())
+                budget -= len(bucket)
+                found = [i for i in bucket if holders[i] & bit and i not in claims]
+                if more and b in more:
+                    found.extend(more[b])
+                keyed = sorted(((hashes[i] - salt) & _M32, i) for i in found)
+                if resume and r == r0:
+                    after = (start[2], start[3])
+                    keyed = [e for e in keyed if e > after]
+                for k, i in keyed:
+                    out.append(Need(paths[i], sizes[i], mtimes[i], c, wanted))
+                    if len(out) >= limit:
+                        return out, _CURSOR.pack(_SURPLUS_TAG, c, r, k, i)
+                if budget <= 0:
+                    return out, _CURSOR.pack(_SURPLUS_TAG, c, r, _M32, 2**64 - 1)
+        return out, None
 
     def claim(self, store: str, paths: Iterable[bytes]) -> list[bytes]:
         """

@@ -5,7 +5,8 @@ Connections always go client -> server.  A client says L{Hello}, proves it
 knows the cluster's shared secret with L{Authenticate} (when one is set),
 then, for each source it backs up: L{Report}s its holdings (a full inventory
 in pages when it connects, deltas after), asks L{ListNeeds}, L{Claim}s what
-it will fetch with rsync, L{Release}s claims or asks to drop surplus copies.
+it will fetch with rsync, asks L{ListSurplus} for the copies it holds above
+C{copies} when it is full, L{Release}s claims or asks to drop surplus copies.
 L{Status} serves C{cbackup status}.
 
 Every AMP value is at most 65,535 bytes, so every list travels in pages
@@ -15,7 +16,8 @@ L{NeedList}) that is checked with L{relpath_problem} on the way in and out.
 
 The server side is L{ServerProtocol} (built by L{ServerFactory}); the client
 side is any L{amp.AMP} plus the helpers L{login}, L{report_inventory},
-L{report_delta}, L{list_all_needs}, L{claim}, L{release} and L{status_all}.
+L{report_delta}, L{list_all_needs}, L{list_surplus}, L{claim}, L{release} and
+L{status_all}.
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ PROTOCOL_VERSION = 1
 #: value limit with room to spare.
 PAGE_BUDGET = 60_000
 
+#: A ledger's C{needs} or C{surplus}: (store, cursor, limit) -> (page, cursor).
+NeedListing = Callable[[str, Optional[bytes], int], tuple[list[Need], Optional[bytes]]]
+
 #: Bytes of random challenge each side contributes to authentication.
 NONCE_BYTES = 32
 
@@ -75,7 +80,8 @@ MAX_AUTH_FAILURES = 3
 #: Seconds a connection may stay unauthenticated before the server hangs up.
 AUTH_TIMEOUT = 30.0
 
-#: Most needs one L{ListNeeds} answer holds, whatever the client asks.
+#: Most needs one L{ListNeeds} (or L{ListSurplus}) answer holds, whatever the
+#: client asks.
 MAX_NEEDS_LIMIT = 10_000
 
 #: Default seconds a claim lasts, told to clients; the ledger's claim lease
@@ -428,7 +434,8 @@ class ListNeeds(_Command):
     first, starting after C{cursor}.  The answer's C{cursor} continues the
     listing (absent at the end); it may hold fewer than C{limit} needs to stay
     under the value limit.  C{safemode} true means the server lists no needs
-    yet.
+    yet.  Files the store's host holds are never listed; L{ListSurplus} gives
+    the copy counts of those above C{copies}.
     """
 
     commandName = b"list-needs"
@@ -442,6 +449,34 @@ class ListNeeds(_Command):
         (b"needs", NeedList()),
         (b"cursor", amp.String(optional=True)),
         (b"safemode", amp.Boolean()),
+    ]
+    errors = _STORE_ERRORS
+
+
+class ListSurplus(_Command):
+    """
+    Ask for up to C{limit} of the files C{store} holds of C{source} at the
+    current version that have more live copies than the source's C{copies}:
+    the copies a full store may ask to drop (with L{Release} C{drop}) to
+    make room for a rarer file.  Most copies first, starting after
+    C{cursor}.  Each need's C{copies} counts real live holdings on distinct
+    hosts (claims do not count), the same count a drop is granted by;
+    C{wanted} is the source's C{copies}.  The answer's C{cursor} continues
+    the listing (absent at the end); a page may hold fewer than C{limit}
+    needs, even none, and still have a cursor.  Nothing is listed while the
+    server is in safemode (no drop would be granted either).
+    """
+
+    commandName = b"list-surplus"
+    arguments = [
+        (b"source", amp.Unicode()),
+        (b"store", amp.Unicode()),
+        (b"cursor", amp.String(optional=True)),
+        (b"limit", amp.Integer()),
+    ]
+    response = [
+        (b"needs", NeedList()),
+        (b"cursor", amp.String(optional=True)),
     ]
     errors = _STORE_ERRORS
 
@@ -511,7 +546,9 @@ class Status(_Command):
 
 _COMMANDS = {
     c.commandName: c
-    for c in (Hello, Authenticate, Report, ListNeeds, Claim, Release, Status)
+    for c in (
+        Hello, Authenticate, Report, ListNeeds, ListSurplus, Claim, Release, Status
+    )
 }
 _OPEN_COMMANDS = {Hello.commandName, Authenticate.commandName}
 
@@ -795,24 +832,46 @@ class ServerProtocol(amp.AMP):
             del self._unanswered[(source, store)]
         return dict(stale=stale_page, orphans=orphan_page, more=more)
 
-    @ListNeeds.responder
-    def list_needs(
-        self, source: str, store: str, limit: int, cursor: Optional[bytes] = None
-    ) -> dict:
-        ledger = self._ledger_for(source, store)
+    @staticmethod
+    def _need_page(
+        listing: NeedListing,
+        store: str,
+        cursor: Optional[bytes],
+        limit: int,
+    ) -> tuple[list[Need], Optional[bytes]]:
+        """
+        One page of C{listing} (a ledger's C{needs} or C{surplus}) that fits
+        in L{PAGE_BUDGET} bytes.
+        """
         if limit < 1:
             raise BadArgument("limit must be at least 1")
         limit = min(limit, MAX_NEEDS_LIMIT)
         with _ledger_errors():
-            needs, after = ledger.needs(store, cursor, limit)
+            needs, after = listing(store, cursor, limit)
             # The ledger's cursor is opaque, so when its page is too big to
             # send, ask again for only as many needs as fit.
             while len(needs) > (fit := _fitting(needs, need_size, PAGE_BUDGET)):
                 if len(needs) > limit:
                     raise RuntimeError("ledger returned more needs than asked for")
                 limit = fit
-                needs, after = ledger.needs(store, cursor, limit)
+                needs, after = listing(store, cursor, limit)
+        return needs, after
+
+    @ListNeeds.responder
+    def list_needs(
+        self, source: str, store: str, limit: int, cursor: Optional[bytes] = None
+    ) -> dict:
+        ledger = self._ledger_for(source, store)
+        needs, after = self._need_page(ledger.needs, store, cursor, limit)
         return dict(needs=needs, cursor=after, safemode=ledger.safemode)
+
+    @ListSurplus.responder
+    def list_surplus(
+        self, source: str, store: str, limit: int, cursor: Optional[bytes] = None
+    ) -> dict:
+        ledger = self._ledger_for(source, store)
+        needs, after = self._need_page(ledger.surplus, store, cursor, limit)
+        return dict(needs=needs, cursor=after)
 
     @Claim.responder
     def claim(self, source: str, store: str, paths: list[bytes]) -> dict:
@@ -1124,6 +1183,32 @@ async def list_all_needs(
         if cursor is None:
             break
     return needs, safemode
+
+
+@_deferred
+async def list_surplus(
+    proto: amp.AMP, source: str, store: str, limit: int = 10_000, page: int = 1_000
+) -> list[Need]:
+    """
+    Follow L{ListSurplus} cursors (through short or empty pages) until the
+    end or C{limit} needs; fires with C{store}'s surplus copies of
+    C{source}, most copies first.
+    """
+    needs: list[Need] = []
+    cursor = None
+    while len(needs) < limit:
+        answer = await proto.callRemote(
+            ListSurplus,
+            source=source,
+            store=store,
+            cursor=cursor,
+            limit=min(page, limit - len(needs)),
+        )
+        needs.extend(answer["needs"])
+        cursor = answer["cursor"]
+        if cursor is None:
+            break
+    return needs
 
 
 @frozen

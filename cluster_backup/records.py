@@ -189,6 +189,21 @@ class LedgerAPI(Protocol):
         self, store: str, cursor: Optional[bytes], limit: int
     ) -> tuple[list[Need], Optional[bytes]]: ...
 
+    def surplus(
+        self, store: str, cursor: Optional[bytes], limit: int
+    ) -> tuple[list[Need], Optional[bytes]]:
+        """
+        Up to C{limit} files C{store} holds at the current version whose
+        live copies exceed C{copies} (the copies it may ask to drop), most
+        copies first, and an opaque cursor for the next page (C{None} at the
+        end; a page may be short, even empty, with a cursor).  C{Need.copies}
+        counts real holdings only (distinct hosts, live stores, no claims),
+        the count L{drop} decides by; C{Need.wanted} is C{copies}.  Nothing
+        (C{([], None)}) in safemode.  Raises C{UnknownStore} for a store not
+        backing up this source and C{BadCursor} for a cursor it did not make.
+        """
+        ...
+
     def claim(self, store: str, paths: Iterable[bytes]) -> list[bytes]: ...
 
     def release(self, store: str, paths: Iterable[bytes]) -> None: ...

@@ -12,6 +12,7 @@ from hypothesis import given, strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from cluster_backup import ledger as ledger_module
 from cluster_backup.ledger import (
     BadCursor,
     Ledger,
@@ -65,12 +66,23 @@ def needs_all(ledger, store, limit=10_000):
     return needs
 
 
+def surplus_all(ledger, store, page=10_000):
+    """Follow surplus() cursors to the end; every need it listed."""
+    out, cursor = [], None
+    while True:
+        needs, cursor = ledger.surplus(store, cursor, page)
+        out.extend(needs)
+        if cursor is None:
+            return out
+
+
 def snapshot(ledger):
     """Everything observable, to show a refused call changed nothing."""
     return (
         ledger.status(),
         ledger.store_status(),
         {s: ledger.needs(s, None, 100) for s in STORES},
+        {s: ledger.surplus(s, None, 100) for s in STORES},
     )
 
 
@@ -465,6 +477,216 @@ class DropTests(SynchronousTestCase):
         self.assertEqual(ledger.status().histogram, {2: [1, 10]})
 
 
+class SurplusTests(SynchronousTestCase):
+    """
+    A store's surplus: what it holds current with more live copies than
+    wanted, most copies first, counted like drop() counts.
+    """
+
+    def test_only_held_current_files_above_copies(self):
+        ledger, _ = make(copies=1, files=[b"f", b"g", b"h", b"k"])
+        ledger.report("b:/1", [rec(b"f"), rec(b"g"), rec(b"h"), rec(b"k", 1, 2)])
+        ledger.report("c:/1", [rec(b"f"), rec(b"g"), rec(b"k")])
+        ledger.report("d:/1", [rec(b"f"), rec(b"k")])
+        got = {st: [(n.path, n.copies, n.wanted) for n in surplus_all(ledger, st)]
+               for st in STORES}
+        self.assertEqual(got["b:/1"], [(b"f", 3, 1), (b"g", 2, 1)])
+        self.assertEqual(sorted(got["c:/1"]), [(b"f", 3, 1), (b"g", 2, 1), (b"k", 2, 1)])
+        self.assertEqual(sorted(got["d:/1"]), [(b"f", 3, 1), (b"k", 2, 1)])
+        self.assertEqual(got["a:/1"], [])
+        need = surplus_all(ledger, "b:/1")[0]
+        self.assertEqual((need.size, need.mtime), (10, 1))
+
+    def test_same_host_counts_once(self):
+        ledger, _ = make(copies=1, files=[b"f"])
+        ledger.report("a:/1", [rec(b"f")])
+        ledger.report("a:/2", [rec(b"f")])
+        self.assertEqual(surplus_all(ledger, "a:/1"), [])
+        ledger.report("b:/1", [rec(b"f")])
+        self.assertEqual([n.copies for n in surplus_all(ledger, "a:/2")], [2])
+
+    def test_most_copies_first(self):
+        stores = {f"h{n}:/s": f"h{n}" for n in range(6)}
+        files = [b"f%03d" % n for n in range(60)]
+        ledger, _ = make(copies=1, stores=stores, files=files)
+        expected = {}
+        for n, path in enumerate(files):
+            holders = 1 + n % 6  # h0 holds all; 1 to 6 copies
+            for h in range(holders):
+                ledger.report(f"h{h}:/s", [rec(path)])
+            if holders > 1:
+                expected[path] = holders
+        needs = surplus_all(ledger, "h0:/s")
+        self.assertEqual({n.path: n.copies for n in needs}, expected)
+        counts = [n.copies for n in needs]
+        self.assertEqual(counts, sorted(counts, reverse=True))
+        self.assertEqual(counts[0], 6)
+        self.assertEqual({n.wanted for n in needs}, {1})
+
+    def test_dead_holdings_do_not_count(self):
+        ledger, clock = make(copies=1, files=[b"f"])
+        ledger.report("b:/1", [rec(b"f")])
+        ledger.report("c:/1", [rec(b"f")])
+        self.assertEqual([n.copies for n in surplus_all(ledger, "b:/1")], [2])
+        clock.advance(DEAD)
+        ledger.report("b:/1")
+        self.assertEqual(surplus_all(ledger, "b:/1"), [])
+        ledger.report("c:/1")
+        self.assertEqual([n.copies for n in surplus_all(ledger, "b:/1")], [2])
+
+    def test_dead_holdings_of_claimed_files_do_not_count(self):
+        ledger, clock = make(copies=1, files=[b"f"])
+        for store in ("b:/1", "c:/1", "d:/1"):
+            ledger.report(store, [rec(b"f")])
+        clock.advance(DEAD - 1)
+        ledger.report("b:/1")
+        ledger.report("c:/1")
+        self.assertEqual(ledger.claim("a:/1", [b"f"]), [b"f"])
+        clock.advance(1)  # d dies; a's claim is still live
+        self.assertEqual([n.copies for n in surplus_all(ledger, "b:/1")], [2])
+        self.assertEqual([n.copies for n in needs_all(ledger, "a:/2")], [])
+
+    def test_claims_do_not_count(self):
+        ledger, _ = make(copies=1, files=[b"f", b"g"])
+        ledger.report("b:/1", [rec(b"f"), rec(b"g")])
+        ledger.report("c:/1", [rec(b"g")])
+        # A greedy claim raises f's count to 2 and g's to 3; only real
+        # holdings count for surplus, as for drop().
+        self.assertEqual(ledger.claim("d:/1", [b"f", b"g"]), [b"f", b"g"])
+        self.assertEqual({n.path: n.copies for n in needs_all(ledger, "a:/1")},
+                         {b"f": 2, b"g": 3})
+        got = [(n.path, n.copies) for n in surplus_all(ledger, "b:/1")]
+        self.assertEqual(got, [(b"g", 2)])
+        self.assertEqual(ledger.drop("b:/1", [b"f"]), [])
+        # Claims expire or end; the counts do not move.
+        ledger.release("d:/1", [b"f", b"g"])
+        self.assertEqual([(n.path, n.copies) for n in surplus_all(ledger, "b:/1")], got)
+
+    def test_claimed_files_keep_their_order_and_pages(self):
+        stores = {f"h{n}:/s": f"h{n}" for n in range(5)}
+        files = [b"f%03d" % n for n in range(40)]
+        ledger, _ = make(copies=1, stores=stores, files=files)
+        for n, path in enumerate(files):
+            for h in range(2 + n % 2):  # 2 or 3 copies, h0 holds all
+                ledger.report(f"h{h}:/s", [rec(path)])
+        ledger.claim("h4:/s", files[::3])  # raises tiers, not real counts
+        before = surplus_all(ledger, "h0:/s")
+        self.assertEqual(len(before), 40)
+        counts = [n.copies for n in before]
+        self.assertEqual(counts, sorted(counts, reverse=True))
+        self.assertEqual(counts.count(3), 20)
+        paged = surplus_all(ledger, "h0:/s", page=3)
+        self.assertEqual(paged, before)
+
+    def test_safemode_lists_nothing(self):
+        ledger, _ = make(copies=1, files=[b"f"], safemode=True)
+        ledger.report("b:/1", [rec(b"f")])
+        ledger.report("c:/1", [rec(b"f")])
+        self.assertTrue(ledger.safemode)
+        self.assertEqual(ledger.surplus("b:/1", None, 10), ([], None))
+        self.assertEqual(ledger.drop("b:/1", [b"f"]), [])
+
+    def test_nothing_held_nothing_listed(self):
+        ledger, _ = make(copies=1, files=[b"f"])
+        ledger.report("b:/1", [rec(b"f")])
+        ledger.report("c:/1", [rec(b"f")])
+        self.assertEqual(ledger.surplus("d:/1", None, 10), ([], None))
+        self.assertEqual(ledger.surplus("b:/1", None, 0), ([], None))
+
+    def test_paging_covers_everything_once(self):
+        files = [b"p%03d" % n for n in range(200)]
+        ledger, _ = make(copies=1, files=files)
+        ledger.report("b:/1", [rec(p) for p in files])
+        ledger.report("c:/1", [rec(p) for p in files[:120]])
+        ledger.report("d:/1", [rec(p) for p in files[:50]])
+        full = surplus_all(ledger, "b:/1")
+        self.assertEqual(len(full), 120)
+        seen, cursor, pages = [], None, 0
+        while True:
+            page, cursor = ledger.surplus("b:/1", cursor, 7)
+            self.assertLessEqual(len(page), 7)
+            seen.extend(page)
+            pages += 1
+            if cursor is None:
+                break
+        self.assertEqual(seen, full)
+        self.assertEqual(len({n.path for n in seen}), 120)
+        self.assertGreater(pages, 15)
+        self.assertEqual([n.copies for n in seen], [3] * 50 + [2] * 70)
+
+    def test_scan_budget_gives_short_pages(self):
+        self.patch(ledger_module, "_SCAN_BUDGET", 5)
+        files = [b"p%03d" % n for n in range(300)]
+        ledger, _ = make(copies=1, files=files)
+        ledger.report("c:/1", [rec(p) for p in files])
+        ledger.report("d:/1", [rec(p) for p in files])
+        ledger.report("b:/1", [rec(p) for p in files[::10]])
+        seen, cursor, calls = [], None, 0
+        while True:
+            page, cursor = ledger.surplus("b:/1", cursor, 1000)
+            seen.extend(n.path for n in page)
+            calls += 1
+            if cursor is None:
+                break
+        self.assertEqual(sorted(seen), files[::10])
+        self.assertGreater(calls, 10)
+
+    def test_order_differs_per_store(self):
+        files = [b"q%03d" % n for n in range(300)]
+        ledger, _ = make(copies=1, files=files)
+        for store in ("b:/1", "c:/1"):
+            ledger.report(store, [rec(p) for p in files])
+        b = [n.path for n in surplus_all(ledger, "b:/1")]
+        c = [n.path for n in surplus_all(ledger, "c:/1")]
+        self.assertEqual(sorted(b), files)
+        self.assertEqual(sorted(c), files)
+        self.assertNotEqual(b[:10], c[:10])
+
+    def test_granted_drop_shrinks_surplus(self):
+        ledger, _ = make(copies=1, files=[b"f", b"g"])
+        for store in ("b:/1", "c:/1", "d:/1"):
+            ledger.report(store, [rec(b"f"), rec(b"g")])
+        ledger.report("a:/1", [rec(b"g")])
+        self.assertEqual([(n.path, n.copies) for n in surplus_all(ledger, "b:/1")],
+                         [(b"g", 4), (b"f", 3)])
+        self.assertEqual(ledger.drop("c:/1", [b"f"]), [b"f"])
+        self.assertEqual([(n.path, n.copies) for n in surplus_all(ledger, "b:/1")],
+                         [(b"g", 4), (b"f", 2)])
+        self.assertEqual([n.path for n in surplus_all(ledger, "c:/1")], [b"g"])
+        self.assertEqual(ledger.drop("d:/1", [b"f"]), [b"f"])
+        self.assertEqual([n.path for n in surplus_all(ledger, "b:/1")], [b"g"])
+        self.assertEqual(ledger.drop("b:/1", [b"f"]), [])
+
+    def test_listed_exactly_when_drop_is_granted(self):
+        ledger, _ = make(copies=2, files=[b"f%d" % n for n in range(12)])
+        for n in range(12):
+            for store in list(STORES)[: n % 6]:
+                ledger.report(store, [rec(b"f%d" % n)])
+        for store in STORES:
+            listed = {n.path for n in surplus_all(ledger, store)}
+            for n in range(12):
+                path = b"f%d" % n
+                before = snapshot(ledger)
+                granted = ledger.drop(store, [path]) == [path]
+                self.assertEqual(path in listed, granted, (store, path))
+                if granted:
+                    ledger.report(store, [rec(path)])  # put it back
+                self.assertEqual(snapshot(ledger), before)
+
+    def test_bad_cursor(self):
+        ledger, _ = make(copies=1, files=[b"f%d" % n for n in range(5)])
+        ledger.report("b:/1", [rec(b"f%d" % n) for n in range(5)])
+        ledger.report("c:/1", [rec(b"f%d" % n) for n in range(5)])
+        self.assertRaises(BadCursor, ledger.surplus, "b:/1", b"nonsense", 10)
+        _, needs_cursor = ledger.needs("d:/1", None, 1)
+        self.assertIsNotNone(needs_cursor)
+        self.assertRaises(BadCursor, ledger.surplus, "b:/1", needs_cursor, 10)
+        _, surplus_cursor = ledger.surplus("b:/1", None, 1)
+        self.assertIsNotNone(surplus_cursor)
+        self.assertRaises(BadCursor, ledger.needs, "d:/1", surplus_cursor, 10)
+        self.assertRaises(UnknownStore, ledger.surplus, "x:/1", None, 10)
+
+
 class RefusalTests(SynchronousTestCase):
     """Unknown stores and paths raise and change nothing."""
 
@@ -481,6 +703,7 @@ class RefusalTests(SynchronousTestCase):
             lambda: self.ledger.inventory_finished("x:/1"),
             lambda: self.ledger.report("x:/1", [rec(b"g")]),
             lambda: self.ledger.needs("x:/1", None, 10),
+            lambda: self.ledger.surplus("x:/1", None, 10),
             lambda: self.ledger.claim("x:/1", [b"g"]),
             lambda: self.ledger.release("d:/2", [b"g"]),
             lambda: self.ledger.drop("x:/1", [b"f"]),
@@ -705,3 +928,16 @@ class ModelTests(SynchronousTestCase):
             self.assertEqual({n.path: n.copies for n in needs}, expected)
             ranks = [rank(n.copies, n.wanted) for n in needs]
             self.assertEqual(ranks, sorted(ranks))
+        for store in STORES:
+            surplus = surplus_all(ledger, store, page=2)
+            if model.safe:
+                self.assertEqual(surplus, [])
+                continue
+            expected = {
+                p: len(model.hosts(p)) for p in model.current
+                if model.holds(store, p) and len(model.hosts(p)) > COPIES
+            }
+            self.assertEqual({n.path: n.copies for n in surplus}, expected)
+            self.assertEqual(len(surplus), len(expected))
+            counts = [n.copies for n in surplus]
+            self.assertEqual(counts, sorted(counts, reverse=True))

@@ -20,6 +20,7 @@ from twisted.test.iosim import FakeTransport, connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
 from cluster_backup import protocol as P
+from cluster_backup.ledger import Ledger
 from cluster_backup.records import (
     FileRecord,
     Need,
@@ -142,6 +143,36 @@ class FakeLedger:
         page = wanted[start : start + limit]
         end = start + len(page)
         return page, (str(end).encode() if end < len(wanted) else None)
+
+    def copies_of(self, path: bytes) -> int:
+        """Stores (not hosts: this is a fake) holding C{path} current."""
+        current = self.files[path].version
+        return sum(
+            1 for h in self.held.values() if path in h and h[path].version == current
+        )
+
+    def surplus(self, store, cursor, limit):
+        """What C{store} holds current with more copies than wanted, most
+        copies first; numeric cursors like L{needs}."""
+        self.calls.append(("surplus", store, cursor, limit))
+        if cursor is not None and not cursor.isdigit():
+            raise LedgerBadCursor(cursor)
+        if self._safemode:
+            return [], None
+        start = int(cursor) if cursor else 0
+        held = self.held.get(store, {})
+        listed = sorted(
+            (
+                Need(r.path, r.size, r.mtime, self.copies_of(p), self.copies)
+                for p, r in self.files.items()
+                if p in held and held[p].version == r.version
+            ),
+            key=lambda n: (-n.copies, n.path),
+        )
+        listed = [n for n in listed if n.copies > self.copies]
+        page = listed[start : start + limit]
+        end = start + len(page)
+        return page, (str(end).encode() if end < len(listed) else None)
 
     def claim(self, store, paths) -> list[bytes]:
         paths = list(paths)
@@ -345,6 +376,7 @@ class AuthTests(SynchronousTestCase):
         calls = [
             (P.Status, {}),
             (P.ListNeeds, dict(source=SOURCE, store=STORE, limit=10)),
+            (P.ListSurplus, dict(source=SOURCE, store=STORE, limit=10)),
             (P.Claim, dict(source=SOURCE, store=STORE, paths=[b"a.txt"])),
             (P.Release, dict(source=SOURCE, store=STORE, paths=[b"a.txt"], drop=True)),
             (
@@ -445,6 +477,7 @@ class AuthTests(SynchronousTestCase):
             h.login()
             h.ok(P.report_inventory(h.client, SOURCE, STORE, FILES))
             h.ok(P.list_all_needs(h.client, SOURCE, STORE))
+            h.ok(P.list_surplus(h.client, SOURCE, STORE))
             h.ok(P.claim(h.client, SOURCE, STORE, [b"a.txt"]))
             h.ok(P.release(h.client, SOURCE, STORE, [b"a.txt"], drop=True))
             h.ok(P.status_all(h.client))
@@ -578,6 +611,84 @@ class CommandTests(SynchronousTestCase):
         self.assertLess(len(answer["needs"]), 100)
         self.assertLessEqual(len(P.encode_needs(answer["needs"])), P.PAGE_BUDGET)
         needs, _ = self.h.ok(P.list_all_needs(self.h.client, SOURCE, STORE, page=100))
+        self.assertEqual([n.path for n in needs], [r.path for r in files])
+
+    def hold(self, store: str, *records: FileRecord) -> None:
+        """Make the fake ledger believe C{store} holds C{records}."""
+        self.ledger.held.setdefault(store, {}).update((r.path, r) for r in records)
+
+    def surplus_setup(self):
+        """a.txt: 3 copies, dir/b.bin: 2, dir/sub/c: 1 (one wanted); STORE
+        holds all three, dir/b.bin at a stale version on STORE_B."""
+        self.ledger.copies = 1
+        self.h.ok(P.report_inventory(self.h.client, SOURCE, STORE, FILES))
+        self.hold(FOREIGN_STORE, FILES[0], FILES[1])
+        self.hold(STORE_B, FILES[0], FileRecord(b"dir/sub/c", 31, 300))
+        self.ledger.calls.clear()
+
+    def test_list_surplus(self):
+        self.surplus_setup()
+        answer = self.h.call(P.ListSurplus, source=SOURCE, store=STORE, limit=1)
+        self.assertEqual(answer["needs"], [Need(b"a.txt", 10, 100, 3, 1)])
+        self.assertEqual(answer["cursor"], b"1")
+        answer = self.h.call(
+            P.ListSurplus, source=SOURCE, store=STORE, limit=5, cursor=answer["cursor"]
+        )
+        self.assertEqual(answer["needs"], [Need(b"dir/b.bin", 20, 200, 2, 1)])
+        self.assertIsNone(answer["cursor"])
+        self.assertNotIn("safemode", answer)
+        self.assertEqual(
+            self.ledger.calls,
+            [("surplus", STORE, None, 1), ("surplus", STORE, b"1", 5)],
+        )
+        self.assertEqual(self.ledger.mutations(), [])
+        answer = self.h.call(P.ListSurplus, source=SOURCE, store=STORE_B, limit=5)
+        self.assertEqual(answer["needs"], [Need(b"a.txt", 10, 100, 3, 1)])
+
+    def test_list_surplus_helper(self):
+        self.surplus_setup()
+        needs = self.h.ok(P.list_surplus(self.h.client, SOURCE, STORE, page=1))
+        self.assertEqual(
+            [(n.path, n.copies) for n in needs], [(b"a.txt", 3), (b"dir/b.bin", 2)]
+        )
+        self.assertEqual([c[0] for c in self.ledger.calls], ["surplus"] * 2)
+        needs = self.h.ok(P.list_surplus(self.h.client, SOURCE, STORE, limit=1))
+        self.assertEqual([n.path for n in needs], [b"a.txt"])
+        self.assertEqual(self.ledger.calls[-1], ("surplus", STORE, None, 1))
+
+    def test_list_surplus_follows_empty_pages(self):
+        """A short or empty page with a cursor is not the end."""
+        self.surplus_setup()
+        real = self.ledger.surplus
+
+        def budgeted(store, cursor, limit):
+            if cursor is None:
+                return [], b"0"
+            return real(store, cursor, 1)
+
+        self.ledger.surplus = budgeted
+        needs = self.h.ok(P.list_surplus(self.h.client, SOURCE, STORE))
+        self.assertEqual([n.path for n in needs], [b"a.txt", b"dir/b.bin"])
+
+    def test_list_surplus_safemode(self):
+        self.surplus_setup()
+        self.ledger._safemode = True
+        answer = self.h.call(P.ListSurplus, source=SOURCE, store=STORE, limit=5)
+        self.assertEqual((answer["needs"], answer["cursor"]), ([], None))
+        self.assertEqual(self.h.ok(P.list_surplus(self.h.client, SOURCE, STORE)), [])
+
+    def test_list_surplus_big_paths_fit(self):
+        """Surplus with 4,096-byte paths comes in fewer per page, none lost."""
+        files = [FileRecord(b"%04d" % i + b"s" * 4092, i, i) for i in range(100)]
+        self.ledger.files = {r.path: r for r in files}
+        self.ledger.copies = 1
+        self.hold(STORE, *files)
+        self.hold(FOREIGN_STORE, *files)
+        answer = self.h.call(P.ListSurplus, source=SOURCE, store=STORE, limit=100)
+        self.assertLess(len(answer["needs"]), 100)
+        self.assertIsNotNone(answer["cursor"])
+        self.assertLessEqual(len(P.encode_needs(answer["needs"])), P.PAGE_BUDGET)
+        needs = self.h.ok(P.list_surplus(self.h.client, SOURCE, STORE, page=100))
         self.assertEqual([n.path for n in needs], [r.path for r in files])
 
     def test_claim(self):
@@ -754,6 +865,7 @@ class RefusalTests(SynchronousTestCase):
             P.report_inventory(c, source, store, FILES),
             P.report_delta(c, source, store, FILES, [b"a.txt"]),
             P.list_all_needs(c, source, store),
+            P.list_surplus(c, source, store),
             P.claim(c, source, store, [b"a.txt"]),
             P.release(c, source, store, [b"a.txt"]),
             P.release(c, source, store, [b"a.txt"], drop=True),
@@ -866,6 +978,42 @@ class RefusalTests(SynchronousTestCase):
     def test_limit_is_capped(self):
         self.h.call(P.ListNeeds, source=SOURCE, store=STORE, limit=10**9)
         self.assertEqual(self.ledger.calls[-1], ("needs", STORE, None, P.MAX_NEEDS_LIMIT))
+        self.h.call(P.ListSurplus, source=SOURCE, store=STORE, limit=10**9)
+        self.assertEqual(
+            self.ledger.calls[-1], ("surplus", STORE, None, P.MAX_NEEDS_LIMIT)
+        )
+
+    def test_surplus_bad_limit(self):
+        for limit in (0, -3):
+            d = self.h.client.callRemote(
+                P.ListSurplus, source=SOURCE, store=STORE, limit=limit
+            )
+            self.h.refused(d, P.BadArgument)
+        self.assertEqual(self.ledger.calls, [])
+        self.assertUnchanged()
+
+    def test_surplus_bad_cursor_translated(self):
+        d = self.h.client.callRemote(
+            P.ListSurplus, source=SOURCE, store=STORE, limit=5, cursor=b"garbage"
+        )
+        f = self.h.refused(d, P.BadArgument)
+        self.assertIn("BadCursor", str(f.value))
+        self.assertUnchanged()
+
+    def test_surplus_refusals_touch_no_ledger(self):
+        """Every refused ListSurplus is refused before any ledger call."""
+        c = self.h.client
+        cases = [
+            (P.UnknownSource, dict(source="host1:/nope", store=STORE)),
+            (P.UnknownSource, dict(source=OTHER_SOURCE, store=STORE_B)),
+            (P.UnknownStore, dict(source=SOURCE, store="host3:/nope")),
+            (P.NotYourStore, dict(source=SOURCE, store=FOREIGN_STORE)),
+        ]
+        for kind, kw in cases:
+            self.h.refused(c.callRemote(P.ListSurplus, limit=5, **kw), kind)
+        self.assertEqual(self.ledger.calls, [])
+        self.assertEqual(self.other.calls, [])
+        self.assertUnchanged()
 
     def test_ledger_errors_translated_by_name(self):
         self.ledger.raise_on_report = LedgerUnknownStore("ledger has no such store")
@@ -880,6 +1028,67 @@ class RefusalTests(SynchronousTestCase):
         )
         self.h.refused(d, P.BadArgument)
         self.assertUnchanged()
+
+
+# ---------------------------------------------------------------- real ledger
+
+REAL_STORES = {
+    STORE: "host3",
+    STORE_B: "host3",
+    FOREIGN_STORE: "host4",
+    "host5:/b": "host5",
+}
+
+
+class RealLedgerSurplusTests(SynchronousTestCase):
+    """ListSurplus and drops over AMP against a real L{Ledger}."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.real = Ledger(SOURCE, 1, self.clock, REAL_STORES)
+        self.real.scan_started()
+        self.real.scan_batch(FILES)
+        self.real.scan_finished(True)
+        self.h = Harness(self, ledgers={SOURCE: self.real})
+        self.h.login()
+        for store in (FOREIGN_STORE, "host5:/b", STORE_B):
+            self.real.inventory_started(store)
+            held = {FOREIGN_STORE: FILES[:2], "host5:/b": FILES[:1]}.get(store, [])
+            self.real.report(store, held)
+            self.real.inventory_finished(store)
+        self.assertTrue(self.real.safemode)  # STORE has not reported yet
+
+    def test_surplus_then_drop(self):
+        self.assertEqual(self.h.ok(P.list_surplus(self.h.client, SOURCE, STORE)), [])
+        self.h.ok(P.report_inventory(self.h.client, SOURCE, STORE, FILES))
+        self.assertFalse(self.real.safemode)
+        needs = self.h.ok(P.list_surplus(self.h.client, SOURCE, STORE, page=1))
+        self.assertEqual(
+            needs, [Need(b"a.txt", 10, 100, 3, 1), Need(b"dir/b.bin", 20, 200, 2, 1)]
+        )
+        granted = self.h.ok(
+            P.release(self.h.client, SOURCE, STORE, [b"a.txt"], drop=True)
+        )
+        self.assertEqual(granted, [b"a.txt"])
+        needs = self.h.ok(P.list_surplus(self.h.client, SOURCE, STORE))
+        self.assertEqual([n.path for n in needs], [b"dir/b.bin"])
+        # STORE_B (same host) holds nothing: it has nothing to drop.
+        self.assertEqual(self.h.ok(P.list_surplus(self.h.client, SOURCE, STORE_B)), [])
+
+    def test_bad_cursors_refused(self):
+        self.h.ok(P.report_inventory(self.h.client, SOURCE, STORE, FILES))
+        before = (self.real.status(), self.real.store_status())
+        _, needs_cursor = self.real.needs("host5:/b", None, 1)
+        self.assertIsNotNone(needs_cursor)
+        for cursor in (b"garbage", needs_cursor):
+            d = self.h.client.callRemote(
+                P.ListSurplus, source=SOURCE, store=STORE, limit=5, cursor=cursor
+            )
+            self.h.refused(d, P.BadArgument)
+        d = self.h.client.callRemote(P.ListSurplus, source=SOURCE, store=STORE, limit=0)
+        self.h.refused(d, P.BadArgument)
+        self.assertEqual((self.real.status(), self.real.store_status()), before)
+        self.assertFalse(self.h.server_io.disconnecting)
 
 
 # ---------------------------------------------------------------- encodings

@@ -1,0 +1,415 @@
+"""
+The client: everything C{cbackup-client} runs for the stores of one host.
+
+One L{Agent} per store.  An agent keeps one connection per server it needs
+(reconnecting with backoff), authenticates, sends its full inventory of each
+source, then loops: ListNeeds -> plan -> Claim -> rsync -> Report.  It
+renews its lease every C{REPORT INTERVAL}, keeps its claims alive during
+long transfers, releases what failed, and drops a copy only when the server
+granted it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from typing import Optional
+
+from twisted.application.internet import ClientService, TimerService, backoffPolicy
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.protocols import amp
+
+from cluster_backup import planner, protocol, transfer
+from cluster_backup.config import Cluster, Source, Store as StoreConfig
+from cluster_backup.records import FileRecord, ReportAnswer
+from cluster_backup.store import Store
+from cluster_backup.units import human_size
+
+log = Logger()
+
+#: Most needs asked of one source per round, and most files per rsync run.
+NEEDS_PER_ROUND = 2000
+FILES_PER_BATCH = 1000
+#: Pause between rounds while there is work (seconds).
+BUSY_PAUSE = 0.2
+
+
+class _LinkProtocol(amp.AMP):
+    def __init__(self, link: "ServerLink"):
+        super().__init__()
+        self.link = link
+
+    def connectionMade(self):
+        super().connectionMade()
+        self.link.connected(self)
+
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        self.link.lost(self)
+
+
+class ServerLink:
+    """
+    One agent's connection to one server: reconnects with backoff; after
+    each connect, authenticates and sends the store's full inventory of
+    that server's sources, and only then is C{proto} set (ready).
+    """
+
+    def __init__(self, agent: "Agent", server_host: str, address: str, port: int, reactor):
+        self.agent = agent
+        self.server_host = server_host
+        self.sources = [s for s in agent.sources if s.host == server_host]
+        if ":" in address:
+            endpoint = TCP6ClientEndpoint(reactor, address.strip("[]"), port, timeout=10)
+        else:
+            endpoint = TCP4ClientEndpoint(reactor, address, port, timeout=10)
+        factory = Factory.forProtocol(lambda: _LinkProtocol(self))
+        self.service = ClientService(
+            endpoint, factory, retryPolicy=backoffPolicy(initialDelay=1.0, maxDelay=60.0),
+            clock=reactor)
+        self.proto: Optional[amp.AMP] = None
+
+    def connected(self, proto: amp.AMP) -> None:
+        d = ensureDeferred(self._session(proto))
+        d.addErrback(self._session_failed, proto)
+
+    async def _session(self, proto: amp.AMP) -> None:
+        await protocol.login(proto, self.agent.host, self.agent.secret)
+        for source in self.sources:
+            await self.agent.send_inventory(proto, source)
+        self.proto = proto
+        log.info("{store}: connected to server {server}", store=self.agent.id,
+                 server=self.server_host)
+        self.agent.wake()
+
+    def _session_failed(self, failure, proto) -> None:
+        log.error("{store}: session with server {server} failed: {why}", store=self.agent.id,
+                  server=self.server_host, why=failure.getErrorMessage())
+        proto.transport.loseConnection()
+
+    def lost(self, proto) -> None:
+        if self.proto is proto:
+            self.proto = None
+            log.info("{store}: lost server {server}", store=self.agent.id,
+                     server=self.server_host)
+
+
+class Agent(MultiService):
+    """Fills one store from the servers of the sources it backs up."""
+
+    def __init__(self, cluster: Cluster, config: StoreConfig, host: str,
+                 secret: Optional[bytes], reactor, busy: set, store: Optional[Store] = None):
+        super().__init__()
+        self.cluster = cluster
+        self.config = config
+        self.id = config.id
+        self.host = host
+        self.secret = secret
+        self.reactor = reactor
+        self.busy = busy  # (source id, path) being fetched by any agent of this host
+        self.store = store or Store.from_config(config)
+        self.sources = [s for s in cluster.sources if s.id not in config.ignore_sources]
+        self.by_id = {s.id: s for s in self.sources}
+        self.setName(f"agent {self.id}")
+        self.links: dict[str, ServerLink] = {}
+        for server_host in sorted({s.host for s in self.sources}):
+            link = ServerLink(self, server_host, cluster.address_of(server_host),
+                              cluster.options.port, reactor)
+            self.links[server_host] = link
+            link.service.setServiceParent(self)
+        lease = TimerService(cluster.options.report_interval, self.renew)
+        lease.clock = reactor
+        lease.setServiceParent(self)
+        self.no_drop: dict[tuple[str, bytes], float] = {}
+        self.warned_too_big: set[tuple[str, bytes]] = set()
+        self._next: Optional[object] = None
+        self._running: Optional[Deferred] = None
+        self._cancel = None
+        self._stopping = False
+
+    # --- lifecycle -----------------------------------------------------
+
+    def startService(self) -> None:
+        started = time.monotonic()
+        self.store.inventory(self.sources)
+        self.store.clean_partials()
+        self.store.measure_state()
+        held = sum(len(f) for f in self.store.files.values())
+        log.info("{store}: {files} files held, {used} of {quota} used "
+                 "(inventory took {seconds:.1f}s)", store=self.id, files=held,
+                 used=human_size(self.store.used), quota=human_size(self.store.quota or 0),
+                 seconds=time.monotonic() - started)
+        if self.store.unknown_files:
+            log.warn("{store}: {n} files belong to no configured source; left alone",
+                     store=self.id, n=self.store.unknown_files)
+        self._stopping = False
+        super().startService()
+        self.wake(1.0)
+
+    def stopService(self):
+        self._stopping = True
+        if self._next is not None and self._next.active():
+            self._next.cancel()
+        if self._cancel is not None:
+            self._cancel()
+        running = self._running
+        d = super().stopService()
+        if running is not None:
+            d = running.addBoth(lambda _: d)
+        return d
+
+    def wake(self, delay: float = 0.0) -> None:
+        """Run a round after C{delay} seconds (sooner than any planned one)."""
+        if self._stopping or self._running is not None:
+            return
+        if self._next is not None and self._next.active():
+            if self._next.getTime() <= self.reactor.seconds() + delay:
+                return
+            self._next.cancel()
+        self._next = self.reactor.callLater(delay, self._round)
+
+    def _round(self) -> None:
+        self._next = None
+        self._running = ensureDeferred(self.round())
+
+        def done(result):
+            self._running = None
+            busy = result is True
+            if not self._stopping:
+                self.wake(BUSY_PAUSE if busy else self.cluster.options.report_interval)
+
+        def failed(failure):
+            log.failure("{store}: round failed", failure, store=self.id)
+            return False
+
+        self._running.addErrback(failed).addCallback(done)
+
+    # --- reports -------------------------------------------------------
+
+    def usage(self) -> dict:
+        self.store.refresh_quota()
+        return {"used": max(0, self.store.used), "quota": self.store.quota}
+
+    async def send_inventory(self, proto, source: Source) -> None:
+        records = list(self.store.files.get(source.id, {}).values())
+        answer = await protocol.report_inventory(proto, source.id, self.id, records,
+                                                 **self.usage())
+        self.handle_answer(source, answer)
+
+    def handle_answer(self, source: Source, answer: ReportAnswer) -> None:
+        if answer.orphans:
+            self.store.mark_orphans(source.id, answer.orphans, self.reactor.seconds())
+            log.info("{store}: {n} files of {source} are orphans (deleted at the source); "
+                     "kept for {keep}", store=self.id, n=len(answer.orphans),
+                     source=source.id, keep=f"{source.keep_deleted:.0f}s")
+        if answer.stale:
+            log.info("{store}: {n} files of {source} changed at the source; will refetch",
+                     store=self.id, n=len(answer.stale), source=source.id)
+
+    def renew(self) -> Deferred:
+        """Renew this store's lease with every connected server."""
+        return ensureDeferred(self._renew())
+
+    async def _renew(self) -> None:
+        for link in self.links.values():
+            proto = link.proto
+            if proto is None:
+                continue
+            for source in link.sources:
+                try:
+                    answer = await protocol.report_delta(proto, source.id, self.id,
+                                                         **self.usage())
+                except Exception as e:
+                    log.warn("{store}: lease renewal with {server} failed: {why}",
+                             store=self.id, server=link.server_host, why=str(e))
+                    break
+                self.handle_answer(source, answer)
+
+    # --- one round -----------------------------------------------------
+
+    def _proto(self, source: Source):
+        return self.links[source.host].proto
+
+    async def round(self) -> bool:
+        """
+        One plan-and-act round.  True when it did or awaits work (so the
+        next round comes soon), False when there was nothing to do.
+        """
+        offered: list[tuple[str, list]] = []
+        held: list[planner.Held] = []
+        for source in self.sources:
+            proto = self._proto(source)
+            if proto is None:
+                continue
+            needs, safemode = await protocol.list_all_needs(
+                proto, source.id, self.id, limit=NEEDS_PER_ROUND)
+            if safemode:
+                continue
+            offered.append((source.id, needs))
+            # Swaps need the copies of what we hold; ask only when the
+            # offered files do not all fit.
+            if needs and sum(n.size for n in needs) > self.store.free:
+                surplus = await protocol.list_surplus(proto, source.id, self.id)
+                held += [planner.Held(source.id, n.path, n.size, n.copies, n.wanted)
+                         for n in surplus]
+        if not offered:
+            return False
+        now = self.reactor.seconds()
+        self.no_drop = {k: t for k, t in self.no_drop.items()
+                        if now - t < self.cluster.options.report_interval * 5}
+        files = self.store.files
+        orphans = [planner.Orphan(sid, path, files.get(sid, {}).get(path, FileRecord(path, 0, 0)).size,
+                                  since)
+                   for (sid, path), since in self.store.orphans().items()]
+        self.store.refresh_quota()
+        plan = planner.plan(
+            free=self.store.free, quota=self.store.quota or 0, needs=offered,
+            cost=self._cost, now=now,
+            keep_deleted={s.id: s.keep_deleted for s in self.sources},
+            held=held, orphans=orphans, busy=frozenset(self.busy),
+            no_drop=frozenset(self.no_drop))
+        for key in plan.skipped_too_big:
+            if key not in self.warned_too_big:
+                self.warned_too_big.add(key)
+                log.warn("{store}: {path} of {source} is larger than the whole quota; "
+                         "skipped", store=self.id, path=os.fsdecode(key[1]), source=key[0])
+        removed: dict[str, list[bytes]] = defaultdict(list)
+        for sid, path in plan.delete_orphans:
+            self._remove(sid, path, "orphan", removed)
+        await self._drops(plan.drops, removed)
+        await self._report_removed(removed)
+        fetched = 0
+        by_source: dict[str, list] = defaultdict(list)
+        for sid, need in plan.fetch:
+            by_source[sid].append(need)
+        for sid, needs in by_source.items():
+            for i in range(0, len(needs), FILES_PER_BATCH):
+                if self._stopping:
+                    return False
+                fetched += await self.fetch_batch(self.by_id[sid], needs[i:i + FILES_PER_BATCH])
+        return bool(fetched or plan.drops or plan.delete_orphans)
+
+    def _cost(self, sid: str, path: bytes, size: int) -> int:
+        source = self.by_id[sid]
+        return self.store.cost(source.host, source.path, path, size)
+
+    def _remove(self, sid: str, path: bytes, reason: str, removed: dict) -> None:
+        source = self.by_id[sid]
+        freed = self.store.remove(source.host, source.path, path)
+        removed[sid].append(path)
+        log.info("{store}: dropped {path} of {source} ({reason}; {freed} B freed)",
+                 store=self.id, path=os.fsdecode(path), source=sid, reason=reason, freed=freed)
+
+    async def _drops(self, drops: list, removed: dict) -> None:
+        asked: dict[str, list] = defaultdict(list)
+        for drop in drops:
+            asked[drop.source].append(drop)
+        for sid, items in asked.items():
+            proto = self._proto(self.by_id[sid])
+            if proto is None:
+                continue
+            paths = [d.path for d in items]
+            granted = set(await protocol.release(proto, sid, self.id, paths, drop=True))
+            now = self.reactor.seconds()
+            for d in items:
+                if d.path in granted:
+                    self._remove(sid, d.path, d.reason, removed)
+                else:
+                    self.no_drop[(sid, d.path)] = now
+
+    async def _report_removed(self, removed: dict) -> None:
+        for sid, paths in removed.items():
+            proto = self._proto(self.by_id[sid])
+            if proto is not None and paths:
+                answer = await protocol.report_delta(proto, sid, self.id, removed=paths,
+                                                     **self.usage())
+                self.handle_answer(self.by_id[sid], answer)
+
+    async def fetch_batch(self, source: Source, needs: list) -> int:
+        """Claim, rsync, verify and report one batch; returns files fetched."""
+        proto = self._proto(source)
+        if proto is None:
+            return 0
+        grant = await protocol.claim(proto, source.id, self.id, [n.path for n in needs])
+        granted = set(grant.granted)
+        batch = [n for n in needs if n.path in granted]
+        if not batch:
+            return 0
+        keys = {(source.id, n.path) for n in batch}
+        self.busy |= keys
+        paths = [n.path for n in batch]
+        renew = LoopingCall(self._renew_claim, proto, source, paths)
+        renew.clock = self.reactor
+        renew.start(max(1.0, grant.ttl / 3), now=False)
+        try:
+            result = await self._rsync(source, grant, paths)
+        finally:
+            if renew.running:
+                renew.stop()
+            self.busy -= keys
+        arrived = []
+        for path in paths:
+            record = self.store.refresh(source.host, source.path, path)
+            if record is not None:
+                arrived.append(record)
+        self.store.measure_state()
+        arrived_paths = {r.path for r in arrived}
+        missing = [p for p in paths if p not in arrived_paths]
+        answer = await protocol.report_delta(proto, source.id, self.id, held=arrived,
+                                             **self.usage())
+        self.handle_answer(source, answer)
+        if missing:
+            await protocol.release(proto, source.id, self.id, missing)
+        size = sum(r.size for r in arrived)
+        seconds = max(result.seconds, 1e-6)
+        log.info("{store}: fetched {files} files ({bytes} B) of {source} in {seconds:.1f}s "
+                 "({rate}/s), rsync {status}; {missing} not fetched; quota {used} of {quota}",
+                 store=self.id, files=len(arrived), bytes=size, source=source.id,
+                 seconds=seconds, rate=human_size(int(size / seconds)), status=result.status,
+                 missing=len(missing), used=human_size(max(0, self.store.used)),
+                 quota=human_size(self.store.quota or 0))
+        return len(arrived)
+
+    async def _rsync(self, source: Source, grant, paths: list):
+        dest = self.store.source_dir(source.host, source.path)
+        if source.host == self.host:
+            url, password = source.path, None
+        else:
+            e = grant.endpoint
+            url, password = f"rsync://{e.user}@{e.host}:{e.port}/{e.module}/", e.password
+        d, self._cancel = transfer.fetch(
+            self.reactor, source_url=url, password=password, dest_dir=os.fsdecode(dest),
+            paths=paths, partial_dir=os.fsdecode(self.store.partial_dir),
+            state_dir=os.fsdecode(self.store.state_dir),
+            bwlimit=self.cluster.options.bwlimit)
+        try:
+            return await d
+        finally:
+            self._cancel = None
+
+    def _renew_claim(self, proto, source: Source, paths: list):
+        d = protocol.claim(proto, source.id, self.id, paths)
+        d.addErrback(lambda f: log.warn("{store}: claim renewal failed: {why}",
+                                        store=self.id, why=f.getErrorMessage()))
+        return d
+
+
+def build(cluster: Cluster, host: str, reactor) -> MultiService:
+    """The service tree of C{cbackup-client} for C{host}: one agent per store."""
+    from cluster_backup.config import read_secret
+
+    secret = read_secret(cluster)
+    top = MultiService()
+    busy: set = set()
+    top.agents = []
+    for config in cluster.stores_on(host):
+        agent = Agent(cluster, config, host, secret, reactor, busy)
+        agent.setServiceParent(top)
+        top.agents.append(agent)
+    return top

@@ -1,0 +1,233 @@
+"""
+A whole cluster on this machine for scenario tests: sources with generated
+data, a config in the seed's line format, one C{cbackup-server} per source
+host and one C{cbackup-client} per store host (real twistd processes on
+127.0.0.x), and ground-truth checks that read the stores' folders.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+from collections import defaultdict
+from typing import Optional
+
+from twisted.internet import task
+from twisted.internet import reactor
+
+from tests.harness import Twistd, free_port
+
+
+def make_tree(root: bytes, seed: int, files: int, big: int = 0, dirs: int = 30) -> None:
+    """
+    Fill C{root} with C{files} small files (1-64 KiB) in nested folders,
+    plus names with spaces, a newline and non-UTF-8 bytes, a symlink, and
+    one C{big}-byte file when C{big} is set.
+    """
+    rnd = random.Random(seed)
+    folders = [b""]
+    for i in range(dirs):
+        parent = rnd.choice(folders)
+        folders.append(os.path.join(parent, b"dir %d" % i) if parent else b"dir %d" % i)
+    for folder in folders:
+        os.makedirs(os.path.join(root, folder), exist_ok=True)
+    for i in range(files):
+        folder = rnd.choice(folders)
+        with open(os.path.join(root, folder, b"file-%05d.dat" % i), "wb") as f:
+            f.write(rnd.randbytes(rnd.randint(1024, 64 * 1024)))
+    specials = {b"name with spaces.txt": b"spaces\n", b"new\nline": b"newline\n",
+                b"caf\xe9-latin1": b"non-utf8\n"}
+    for name, data in specials.items():
+        with open(os.path.join(root, name), "wb") as f:
+            f.write(data)
+    os.symlink(b"name with spaces.txt", os.path.join(root, b"link-to-spaces"))
+    if big:
+        with open(os.path.join(root, b"big.bin"), "wb") as f:
+            block = rnd.randbytes(1 << 20)
+            for _ in range(big >> 20):
+                f.write(block)
+
+
+def source_files(root: bytes) -> dict[bytes, tuple]:
+    """relpath -> (kind, size, mtime) for every file and symlink under C{root}."""
+    out = {}
+    for folder, dirs, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            st = os.lstat(path)
+            rel = os.path.relpath(path, root)
+            out[rel] = ("link" if os.path.islink(path) else "file", st.st_size,
+                        st.st_mtime_ns // 10**9)
+    return out
+
+
+def same_content(a: bytes, b: bytes) -> bool:
+    if os.path.islink(a) or os.path.islink(b):
+        return os.path.islink(a) and os.path.islink(b) and os.readlink(a) == os.readlink(b)
+    try:
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            while True:
+                x, y = fa.read(1 << 20), fb.read(1 << 20)
+                if x != y:
+                    return False
+                if not x:
+                    return True
+    except OSError:
+        return False
+
+
+def du(path: str) -> int:
+    out = subprocess.run(["du", "-sb", path], capture_output=True, text=True)
+    if out.returncode not in (0, 1):  # 1: a file vanished while counting
+        raise AssertionError(out.stderr)
+    return int(out.stdout.split()[0])
+
+
+class LocalCluster:
+    """Sources, stores and their processes; see the module docstring."""
+
+    def __init__(self, base: str, sources: list[dict], stores: list[dict],
+                 options: Optional[dict] = None):
+        """
+        C{sources}: dicts with C{host}, C{address}, C{copies}, C{files},
+        C{big}, C{seed}.  C{stores}: dicts with C{host}, C{address},
+        C{name}, C{size}.
+        """
+        self.base = os.path.abspath(base)
+        os.makedirs(self.base, exist_ok=True)
+        self.sources = sources
+        self.stores = stores
+        self.port = free_port(sources[0]["address"])
+        for s in sources:
+            s["path"] = os.path.join(self.base, "src-" + s["host"])
+            os.makedirs(s["path"])
+            make_tree(os.fsencode(s["path"]), s.get("seed", 1), s["files"], s.get("big", 0))
+        for st in stores:
+            st["path"] = os.path.join(self.base, "store-" + st["name"])
+        opts = {"PORT": self.port, "REPORT INTERVAL": "1s", "RESCAN": "2s",
+                "DEAD AFTER": "60s", "SECRET": "cluster-test-secret"}
+        opts.update(options or {})
+        lines = [f"options: {k}: {v}" for k, v in opts.items()]
+        for s in sources:
+            lines += [f"server: {s['host']}:{s['path']}", f"copies: {s['copies']}",
+                      f"address: {s['address']}"]
+        for st in stores:
+            lines += [f"backup: {st['host']}:{st['path']}", f"size: {st['size']}",
+                      f"address: {st['address']}"]
+        self.config = os.path.join(self.base, "cluster.conf")
+        with open(self.config, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        self.processes: list[Twistd] = []
+        self.samples = 0
+        self.max_used: dict[str, int] = defaultdict(int)
+        self.violations: list[str] = []
+        self._sampler: Optional[task.LoopingCall] = None
+
+    # --- processes --------------------------------------------------------
+
+    def start(self):
+        """Start every server, then every client; returns a Deferred."""
+        from twisted.internet.defer import gatherResults
+
+        waits = []
+        for host in sorted({s["host"] for s in self.sources}):
+            address = next(s["address"] for s in self.sources if s["host"] == host)
+            t = Twistd("cbackup-server", self.config, host, self.base,
+                       "--state-dir", os.path.join(self.base, "state-" + host)).start()
+            self.processes.append(t)
+            waits.append(t.wait_listening(address, self.port))
+        for host in sorted({st["host"] for st in self.stores}):
+            self.processes.append(
+                Twistd("cbackup-client", self.config, host, self.base).start())
+        self._sampler = task.LoopingCall(self.sample)
+        self._sampler.start(0.5)
+        return gatherResults(waits, consumeErrors=True)
+
+    def stop(self) -> None:
+        if self._sampler is not None and self._sampler.running:
+            self._sampler.stop()
+        for t in self.processes:
+            t.stop()
+
+    def logs(self) -> str:
+        return "\n".join(f"==== {t.plugin} {t.host}\n{t.log()[-6000:]}" for t in self.processes)
+
+    def process(self, plugin: str, host: str) -> Twistd:
+        return next(t for t in self.processes if t.plugin == plugin and t.host == host)
+
+    # --- ground truth -----------------------------------------------------
+
+    def sample(self) -> None:
+        """One quota sample of every store (C{du -sb}), as the rules demand."""
+        self.samples += 1
+        for st in self.stores:
+            if os.path.isdir(st["path"]):
+                used = du(st["path"])
+                self.max_used[st["name"]] = max(self.max_used[st["name"]], used)
+                if used > st["size_bytes"]:
+                    self.violations.append(f"{st['name']}: du -sb {used} > {st['size_bytes']}")
+
+    def copy_path(self, store: dict, source: dict, rel: bytes) -> bytes:
+        return os.path.join(os.fsencode(store["path"]), os.fsencode(source["host"]),
+                            os.fsencode(source["path"]).lstrip(b"/"), rel)
+
+    def holders(self, source: dict, rel: bytes, check_bytes: bool = False) -> dict[str, int]:
+        """store host -> how many of its stores hold a current copy of C{rel}."""
+        src = os.path.join(os.fsencode(source["path"]), rel)
+        want = os.lstat(src)
+        found: dict[str, int] = defaultdict(int)
+        for st in self.stores:
+            path = self.copy_path(st, source, rel)
+            try:
+                got = os.lstat(path)
+            except OSError:
+                continue
+            if (got.st_size, got.st_mtime_ns // 10**9) != (want.st_size,
+                                                           want.st_mtime_ns // 10**9):
+                continue
+            if check_bytes and not same_content(src, path):
+                continue
+            found[st["host"]] += 1
+        return found
+
+    def under_replicated(self, check_bytes: bool = False) -> list[str]:
+        """Files of every source with fewer than C{copies} current copies on distinct hosts."""
+        short = []
+        for s in self.sources:
+            for rel in source_files(os.fsencode(s["path"])):
+                hosts = self.holders(s, rel, check_bytes)
+                if len(hosts) < s["copies"]:
+                    short.append(f"{s['host']}:{os.fsdecode(rel)} has {len(hosts)}")
+        return short
+
+    def double_copies(self) -> list[str]:
+        """Files held twice on one host (rule 2)."""
+        doubles = []
+        for s in self.sources:
+            for rel in source_files(os.fsencode(s["path"])):
+                for host, n in self.holders(s, rel).items():
+                    if n > 1:
+                        doubles.append(f"{host} holds {os.fsdecode(rel)} {n} times")
+        return doubles
+
+    def stray_files(self) -> list[str]:
+        """Anything in a store outside the layout or its state folder."""
+        stray = []
+        layout = {os.path.join(os.fsencode(s["host"]), os.fsencode(s["path"]).lstrip(b"/"))
+                  for s in self.sources}
+        for st in self.stores:
+            root = os.fsencode(st["path"])
+            for folder, dirs, names in os.walk(root):
+                rel = os.path.relpath(folder, root)
+                if rel == b".cbackup" or rel.startswith(b".cbackup/"):
+                    continue
+                for name in names:
+                    path = os.path.relpath(os.path.join(folder, name), root)
+                    if not any(path.startswith(prefix + b"/") for prefix in layout):
+                        stray.append(f"{st['name']}: {os.fsdecode(path)}")
+        return stray
+
+
+def sleep(seconds: float):
+    return task.deferLater(reactor, seconds, lambda: None)

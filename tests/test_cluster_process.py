@@ -1,0 +1,133 @@
+"""
+Whole clusters of real processes on loopback: every file reaches its copies
+on distinct hosts (read from the stores' folders, bytes compared with the
+sources), no store ever passes its quota (C{du -sb} sampled twice a second),
+and changes and deletions at the source reach the stores as designed.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import TestCase
+
+from tests.cluster_harness import LocalCluster, sleep, source_files
+from tests.harness import wait_for
+
+try:
+    import pytest
+except ImportError:  # pragma: no cover
+    pytest = None
+
+MiB = 1 << 20
+
+
+def _slow(cls):
+    return pytest.mark.slow(cls) if pytest else cls
+
+
+def store(host, address, name, size):
+    return {"host": host, "address": address, "name": name, "size": str(size),
+            "size_bytes": size}
+
+
+def tree_bytes(path: str) -> int:
+    return sum(size for kind, size, _ in source_files(os.fsencode(path)).values())
+
+
+@_slow
+class ConvergenceTests(TestCase):
+    timeout = 400
+
+    def make(self, sources, stores, **options) -> LocalCluster:
+        cluster = LocalCluster(os.path.abspath(self.mktemp()), sources, stores, options)
+        self.addCleanup(cluster.stop)
+        self.cluster = cluster
+        return cluster
+
+    @inlineCallbacks
+    def converge(self, cluster: LocalCluster, timeout: float = 240):
+        try:
+            yield wait_for(lambda: not cluster.under_replicated(), timeout=timeout,
+                           interval=1.0, what="every file at its copies")
+        except AssertionError:
+            short = cluster.under_replicated()
+            raise AssertionError(f"{len(short)} files short, e.g. {short[:5]}\n{cluster.logs()}")
+
+    def check_ground_truth(self, cluster: LocalCluster):
+        self.assertEqual(cluster.under_replicated(check_bytes=True), [])
+        self.assertEqual(cluster.double_copies(), [])
+        self.assertEqual(cluster.stray_files(), [])
+        cluster.sample()
+        self.assertGreater(cluster.samples, 4)
+        self.assertEqual(cluster.violations, [])
+        if os.environ.get("CBACKUP_TEST_LOGS"):
+            print(cluster.logs())
+
+    @inlineCallbacks
+    def test_enough_space_then_change_and_delete(self):
+        sources = [
+            {"host": "src1", "address": "127.0.0.2", "copies": 2, "files": 2000,
+             "big": 50 * MiB, "seed": 1},
+            {"host": "src2", "address": "127.0.0.3", "copies": 3, "files": 500, "seed": 2},
+        ]
+        stores = [
+            store("st4", "127.0.0.4", "st4a", 400 * MiB),
+            store("st4", "127.0.0.4", "st4b", 400 * MiB),
+            store("st5", "127.0.0.5", "st5", 400 * MiB),
+            store("st6", "127.0.0.6", "st6", 400 * MiB),
+        ]
+        cluster = self.make(sources, stores)
+        yield cluster.start()
+        yield self.converge(cluster)
+        self.check_ground_truth(cluster)
+
+        # A change at the source reaches every copy; a deletion leaves orphans.
+        src1 = cluster.sources[0]
+        changed = os.path.join(src1["path"], "name with spaces.txt").encode()
+        with open(changed, "wb") as f:
+            f.write(b"a new version, longer than before\n")
+        deleted = os.path.join(os.fsencode(src1["path"]), b"caf\xe9-latin1")
+        before = cluster.holders(src1, b"caf\xe9-latin1")
+        self.assertGreaterEqual(len(before), 2)
+        os.unlink(deleted)
+
+        def change_everywhere():
+            holders = cluster.holders(src1, b"name with spaces.txt", check_bytes=True)
+            stale = [st for st in cluster.stores
+                     if os.path.lexists(cluster.copy_path(st, src1, b"name with spaces.txt"))
+                     and st["host"] not in holders]
+            return len(holders) >= 2 and not stale
+
+        yield wait_for(change_everywhere, timeout=60, what="the change at every copy")
+        yield sleep(5)  # several rescans and reports later
+        kept = [st["name"] for st in cluster.stores
+                if os.path.lexists(cluster.copy_path(st, src1, b"caf\xe9-latin1"))]
+        self.assertGreaterEqual(len(kept), 2, "a deleted file's copies must stay as orphans")
+        self.check_ground_truth(cluster)
+
+    @inlineCallbacks
+    def test_tight_space(self):
+        sources = [
+            {"host": "src1", "address": "127.0.0.7", "copies": 2, "files": 600,
+             "big": 8 * MiB, "seed": 3},
+            {"host": "src2", "address": "127.0.0.8", "copies": 1, "files": 300, "seed": 4},
+        ]
+        probe = self.make(sources, [store("x", "127.0.0.9", "x", MiB)])
+        need = 2 * tree_bytes(sources[0]["path"]) + tree_bytes(sources[1]["path"])
+        # About 1.2 x what the copies need, over three hosts, plus the
+        # folders' own sizes (du -sb counts them: ~40 folders of 4 KiB per
+        # source copy).
+        each = int(need * 1.2 / 3) + 2 * 41 * 4096
+        stores = [store("st9", "127.0.0.9", "st9", each),
+                  store("st10", "127.0.0.10", "st10", each),
+                  store("st11", "127.0.0.11", "st11", each)]
+        probe.stop()
+        cluster = LocalCluster(os.path.abspath(self.mktemp()), sources, stores)
+        self.addCleanup(cluster.stop)
+        yield cluster.start()
+        yield self.converge(cluster)
+        self.check_ground_truth(cluster)
+        total = sum(st["size_bytes"] for st in stores)
+        self.assertLessEqual(total, need * 1.25 + 6 * 41 * 4096)
