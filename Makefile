@@ -25,9 +25,9 @@ rsync:
 	  echo "installing rsync"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsync; }
 
+# A real cluster on this machine (127.0.0.x): see `cbackup demo --help`.
 demo: $(STAMP) rsync
-	$(VENV)/bin/cbackup check -c conf/cluster.conf
-	$(VENV)/bin/cbackup check -c conf/cluster.yaml --json
+	$(VENV)/bin/cbackup demo --dir demo
 
 test: $(STAMP) rsync
 	HYPOTHESIS_PROFILE=ci $(PY) -m twisted.trial tests

@@ -31,7 +31,7 @@ from twisted.internet.task import Clock  # noqa: E402
 from twisted.protocols import amp  # noqa: E402
 from twisted.test.iosim import connectedServerAndClient  # noqa: E402
 
-from cluster_backup import protocol  # noqa: E402
+from cluster_backup import protocol, responder, session  # noqa: E402
 from cluster_backup.ledger import Ledger  # noqa: E402
 from cluster_backup.records import FileRecord  # noqa: E402
 
@@ -86,11 +86,11 @@ class Wire:
         self.ledger = ledger
         rsync = lambda source: ("127.0.0.1", 5006, "m", "u", "p")  # noqa: E731
         client, server, self.pump = connectedServerAndClient(
-            lambda: protocol.ServerProtocol({SOURCE: ledger}, STORES, None, "src", rsync,
-                                            clock),
+            lambda: responder.ServerProtocol({SOURCE: ledger}, STORES, None, "src", rsync,
+                                             clock),
             amp.AMP, clock=clock)
         self.client = client
-        self.call(protocol.login(client, "h3", None))
+        self.call(session.login(client, "h3", None))
 
     def call(self, d):
         results = []
@@ -138,7 +138,7 @@ def main() -> None:
     paths = [need.path for need in needs]
 
     def claim_wire():
-        wire.call(protocol.claim(wire.client, SOURCE, store, paths))
+        wire.call(session.claim(wire.client, SOURCE, store, paths))
         ledger.release(store, paths)
 
     def claim_bare():
@@ -153,11 +153,11 @@ def main() -> None:
     held = list(records(min(10_000, n // 4)))
     fresh = list(records(min(10_000, n // 4), n // 4))
     figures["Report of 10,000 held records (AMP, paged)"] = median_ms(
-        lambda: wire.call(protocol.report_delta(wire.client, SOURCE, store, held)),
+        lambda: wire.call(session.report_delta(wire.client, SOURCE, store, held)),
         args.runs)
 
     def report_new():
-        wire.call(protocol.report_delta(wire.client, SOURCE, store, fresh))
+        wire.call(session.report_delta(wire.client, SOURCE, store, fresh))
         ledger.report(store, (), [r.path for r in fresh])
 
     figures["Report of 10,000 new records + removal (AMP, paged)"] = median_ms(

@@ -3,12 +3,15 @@ The C{cbackup} command: tools for the operator.
 
 C{cbackup check -c FILE [--host NAME] [--json]} reads a config and prints
 what it understood, with warnings; exit 0 when valid, 2 when not (one
-C{FILE:LINE: problem} per line on stderr).
+C{FILE:LINE: problem} per line on stderr).  The other subcommands live in
+their own modules, each with a C{register(subparsers)} function: see
+L{COMMANDS}.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from typing import Optional, Sequence, TextIO
@@ -144,6 +147,11 @@ def cmd_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
+#: Modules providing more subcommands: C{register(subparsers)} adds a parser
+#: whose C{func(args, out, err) -> exit code} runs it.
+COMMANDS = ("status", "restore", "demo")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cbackup",
@@ -154,6 +162,8 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--host", help="check as this host of the config")
     check.add_argument("--json", action="store_true", help="print one JSON object")
     check.set_defaults(func=cmd_check)
+    for name in COMMANDS:
+        importlib.import_module(f"cluster_backup.{name}").register(sub)
     return p
 
 

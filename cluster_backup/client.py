@@ -25,9 +25,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols import amp
 
-from cluster_backup import planner, protocol, transfer
+from cluster_backup import planner, session, transfer
 from cluster_backup.config import Cluster, Source, Store as StoreConfig
-from cluster_backup.records import FileRecord, ReportAnswer
+from cluster_backup.records import ReportAnswer
 from cluster_backup.store import Store
 from cluster_backup.units import human_size
 
@@ -80,7 +80,7 @@ class ServerLink:
         d.addErrback(self._session_failed, proto)
 
     async def _session(self, proto: amp.AMP) -> None:
-        await protocol.login(proto, self.agent.host, self.agent.secret)
+        await session.login(proto, self.agent.host, self.agent.secret)
         for source in self.sources:
             await self.agent.send_inventory(proto, source)
         self.proto = proto
@@ -198,8 +198,8 @@ class Agent(MultiService):
 
     async def send_inventory(self, proto, source: Source) -> None:
         records = list(self.store.files.get(source.id, {}).values())
-        answer = await protocol.report_inventory(proto, source.id, self.id, records,
-                                                 **self.usage())
+        answer = await session.report_inventory(proto, source.id, self.id, records,
+                                                **self.usage())
         self.handle_answer(source, answer)
 
     def handle_answer(self, source: Source, answer: ReportAnswer) -> None:
@@ -223,8 +223,8 @@ class Agent(MultiService):
                 continue
             for source in link.sources:
                 try:
-                    answer = await protocol.report_delta(proto, source.id, self.id,
-                                                         **self.usage())
+                    answer = await session.report_delta(proto, source.id, self.id,
+                                                        **self.usage())
                 except Exception as e:
                     log.warn("{store}: lease renewal with {server} failed: {why}",
                              store=self.id, server=link.server_host, why=str(e))
@@ -242,21 +242,26 @@ class Agent(MultiService):
         next round comes soon), False when there was nothing to do.
         """
         offered: list[tuple[str, list]] = []
-        held: list[planner.Held] = []
         for source in self.sources:
             proto = self._proto(source)
             if proto is None:
                 continue
-            needs, safemode = await protocol.list_all_needs(
+            needs, safemode = await session.list_all_needs(
                 proto, source.id, self.id, limit=NEEDS_PER_ROUND)
-            if safemode:
-                continue
-            offered.append((source.id, needs))
-            # Swaps need the copies of what we hold; ask only when the
-            # offered files do not all fit.
-            if needs and sum(n.size for n in needs) > self.store.free:
-                surplus = await protocol.list_surplus(proto, source.id, self.id)
-                held += [planner.Held(source.id, n.path, n.size, n.copies, n.wanted)
+            if not safemode:
+                offered.append((source.id, needs))
+        held: list[planner.Held] = []
+        # Swaps need the copies of what we hold.  Ask only when the offered
+        # files do not all fit, and ask every source: the surplus to drop
+        # may well belong to another source than the file that needs room.
+        if sum(n.size for _, needs in offered for n in needs) > self.store.free:
+            for sid, _ in offered:
+                source = self.by_id[sid]
+                proto = self._proto(source)
+                if proto is None:
+                    continue
+                surplus = await session.list_surplus(proto, sid, self.id)
+                held += [planner.Held(sid, n.path, n.size, n.copies, n.wanted)
                          for n in surplus]
         if not offered:
             return False
@@ -264,9 +269,9 @@ class Agent(MultiService):
         self.no_drop = {k: t for k, t in self.no_drop.items()
                         if now - t < self.cluster.options.report_interval * 5}
         files = self.store.files
-        orphans = [planner.Orphan(sid, path, files.get(sid, {}).get(path, FileRecord(path, 0, 0)).size,
-                                  since)
-                   for (sid, path), since in self.store.orphans().items()]
+        orphans = [planner.Orphan(sid, path, files[sid][path].size, since)
+                   for (sid, path), since in self.store.orphans().items()
+                   if path in files.get(sid, {})]
         self.store.refresh_quota()
         plan = planner.plan(
             free=self.store.free, quota=self.store.quota or 0, needs=offered,
@@ -315,7 +320,7 @@ class Agent(MultiService):
             if proto is None:
                 continue
             paths = [d.path for d in items]
-            granted = set(await protocol.release(proto, sid, self.id, paths, drop=True))
+            granted = set(await session.release(proto, sid, self.id, paths, drop=True))
             now = self.reactor.seconds()
             for d in items:
                 if d.path in granted:
@@ -327,8 +332,8 @@ class Agent(MultiService):
         for sid, paths in removed.items():
             proto = self._proto(self.by_id[sid])
             if proto is not None and paths:
-                answer = await protocol.report_delta(proto, sid, self.id, removed=paths,
-                                                     **self.usage())
+                answer = await session.report_delta(proto, sid, self.id, removed=paths,
+                                                    **self.usage())
                 self.handle_answer(self.by_id[sid], answer)
 
     async def fetch_batch(self, source: Source, needs: list) -> int:
@@ -336,7 +341,7 @@ class Agent(MultiService):
         proto = self._proto(source)
         if proto is None:
             return 0
-        grant = await protocol.claim(proto, source.id, self.id, [n.path for n in needs])
+        grant = await session.claim(proto, source.id, self.id, [n.path for n in needs])
         granted = set(grant.granted)
         batch = [n for n in needs if n.path in granted]
         if not batch:
@@ -361,11 +366,11 @@ class Agent(MultiService):
         self.store.measure_state()
         arrived_paths = {r.path for r in arrived}
         missing = [p for p in paths if p not in arrived_paths]
-        answer = await protocol.report_delta(proto, source.id, self.id, held=arrived,
-                                             **self.usage())
+        answer = await session.report_delta(proto, source.id, self.id, held=arrived,
+                                            **self.usage())
         self.handle_answer(source, answer)
         if missing:
-            await protocol.release(proto, source.id, self.id, missing)
+            await session.release(proto, source.id, self.id, missing)
         size = sum(r.size for r in arrived)
         seconds = max(result.seconds, 1e-6)
         log.info("{store}: fetched {files} files ({bytes} B) of {source} in {seconds:.1f}s "
@@ -394,7 +399,7 @@ class Agent(MultiService):
             self._cancel = None
 
     def _renew_claim(self, proto, source: Source, paths: list):
-        d = protocol.claim(proto, source.id, self.id, paths)
+        d = session.claim(proto, source.id, self.id, paths)
         d.addErrback(lambda f: log.warn("{store}: claim renewal failed: {why}",
                                         store=self.id, why=f.getErrorMessage()))
         return d

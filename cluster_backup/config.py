@@ -406,7 +406,12 @@ class _Checker:
         return Cluster(options, tuple(sources), tuple(built_stores), filename=self.filename)
 
     def check_addresses(self, sources, stores) -> None:
+        """
+        One address per host, and one host per address: copies are counted
+        per host, so one machine under two names would count twice.
+        """
         given: dict[str, tuple[str, int]] = {}
+        owner: dict[str, tuple[str, int]] = {}
         for block in (*sources, *stores):
             if not block.address:
                 continue
@@ -415,8 +420,15 @@ class _Checker:
                     block.line,
                     f"host {block.host} has address {block.address} here but "
                     f"{given[block.host][0]} at line {given[block.host][1]}")
-            else:
-                given.setdefault(block.host, (block.address, block.line))
+                continue
+            given.setdefault(block.host, (block.address, block.line))
+            other, line = owner.setdefault(block.address, (block.host, block.line))
+            if other != block.host:
+                self.problem(
+                    block.line,
+                    f"address {block.address} is given to host {block.host} here and to "
+                    f"host {other} at line {line}; one machine must have one name "
+                    "(copies are counted per host)")
 
     def error(self) -> ConfigError:
         return ConfigError([f"{self.filename}:{line}: {message}"

@@ -15,7 +15,7 @@ space shows up in C{free}.
 
 from __future__ import annotations
 
-from typing import AbstractSet, Callable, Mapping, Optional, Sequence
+from typing import AbstractSet, Callable, Mapping, Sequence
 
 from attrs import field, frozen
 

@@ -22,7 +22,7 @@ from twisted.logger import Logger
 
 from cluster_backup.config import Cluster, Source, read_secret
 from cluster_backup.ledger import Ledger
-from cluster_backup.protocol import ServerFactory
+from cluster_backup.responder import ServerFactory
 from cluster_backup.rsyncd import RsyncDaemon
 from cluster_backup.scanner import ScanError, scan
 

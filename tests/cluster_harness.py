@@ -8,7 +8,6 @@ host and one C{cbackup-client} per store host (real twistd processes on
 from __future__ import annotations
 
 import os
-import random
 import subprocess
 from collections import defaultdict
 from typing import Optional
@@ -16,37 +15,8 @@ from typing import Optional
 from twisted.internet import task
 from twisted.internet import reactor
 
+from cluster_backup.demo import make_tree
 from tests.harness import Twistd, free_port
-
-
-def make_tree(root: bytes, seed: int, files: int, big: int = 0, dirs: int = 30) -> None:
-    """
-    Fill C{root} with C{files} small files (1-64 KiB) in nested folders,
-    plus names with spaces, a newline and non-UTF-8 bytes, a symlink, and
-    one C{big}-byte file when C{big} is set.
-    """
-    rnd = random.Random(seed)
-    folders = [b""]
-    for i in range(dirs):
-        parent = rnd.choice(folders)
-        folders.append(os.path.join(parent, b"dir %d" % i) if parent else b"dir %d" % i)
-    for folder in folders:
-        os.makedirs(os.path.join(root, folder), exist_ok=True)
-    for i in range(files):
-        folder = rnd.choice(folders)
-        with open(os.path.join(root, folder, b"file-%05d.dat" % i), "wb") as f:
-            f.write(rnd.randbytes(rnd.randint(1024, 64 * 1024)))
-    specials = {b"name with spaces.txt": b"spaces\n", b"new\nline": b"newline\n",
-                b"caf\xe9-latin1": b"non-utf8\n"}
-    for name, data in specials.items():
-        with open(os.path.join(root, name), "wb") as f:
-            f.write(data)
-    os.symlink(b"name with spaces.txt", os.path.join(root, b"link-to-spaces"))
-    if big:
-        with open(os.path.join(root, b"big.bin"), "wb") as f:
-            block = rnd.randbytes(1 << 20)
-            for _ in range(big >> 20):
-                f.write(block)
 
 
 def source_files(root: bytes) -> dict[bytes, tuple]:
@@ -126,23 +96,29 @@ class LocalCluster:
 
     # --- processes --------------------------------------------------------
 
-    def start(self):
-        """Start every server, then every client; returns a Deferred."""
+    def start(self, servers: Optional[list[str]] = None):
+        """
+        Start the servers (all, or the hosts named), then every client;
+        returns a Deferred that fires once the servers listen.
+        """
         from twisted.internet.defer import gatherResults
 
-        waits = []
-        for host in sorted({s["host"] for s in self.sources}):
-            address = next(s["address"] for s in self.sources if s["host"] == host)
-            t = Twistd("cbackup-server", self.config, host, self.base,
-                       "--state-dir", os.path.join(self.base, "state-" + host)).start()
-            self.processes.append(t)
-            waits.append(t.wait_listening(address, self.port))
+        hosts = sorted({s["host"] for s in self.sources}) if servers is None else servers
+        waits = [self.start_server(host) for host in hosts]
         for host in sorted({st["host"] for st in self.stores}):
             self.processes.append(
                 Twistd("cbackup-client", self.config, host, self.base).start())
         self._sampler = task.LoopingCall(self.sample)
         self._sampler.start(0.5)
         return gatherResults(waits, consumeErrors=True)
+
+    def start_server(self, host: str):
+        """Start the server of C{host}; returns a Deferred that fires once it listens."""
+        address = next(s["address"] for s in self.sources if s["host"] == host)
+        t = Twistd("cbackup-server", self.config, host, self.base,
+                   "--state-dir", os.path.join(self.base, "state-" + host)).start()
+        self.processes.append(t)
+        return t.wait_listening(address, self.port)
 
     def stop(self) -> None:
         if self._sampler is not None and self._sampler.running:

@@ -107,27 +107,51 @@ class ConvergenceTests(TestCase):
         self.assertGreaterEqual(len(kept), 2, "a deleted file's copies must stay as orphans")
         self.check_ground_truth(cluster)
 
-    @inlineCallbacks
-    def test_tight_space(self):
+    def tight(self, seed: int, first: int):
+        """
+        Two sources (copies 2 and 1) and three stores with about 1.2 x what
+        the copies need; the cluster is made but not started.
+        """
         sources = [
-            {"host": "src1", "address": "127.0.0.7", "copies": 2, "files": 600,
-             "big": 8 * MiB, "seed": 3},
-            {"host": "src2", "address": "127.0.0.8", "copies": 1, "files": 300, "seed": 4},
+            {"host": "src1", "address": f"127.0.0.{first}", "copies": 2, "files": 600,
+             "big": 8 * MiB, "seed": seed},
+            {"host": "src2", "address": f"127.0.0.{first + 1}", "copies": 1, "files": 300,
+             "seed": seed + 1},
         ]
-        probe = self.make(sources, [store("x", "127.0.0.9", "x", MiB)])
+        self.make(sources, [store("x", f"127.0.0.{first + 2}", "x", MiB)])
         need = 2 * tree_bytes(sources[0]["path"]) + tree_bytes(sources[1]["path"])
         # About 1.2 x what the copies need, over three hosts, plus the
         # folders' own sizes (du -sb counts them: ~40 folders of 4 KiB per
         # source copy).
         each = int(need * 1.2 / 3) + 2 * 41 * 4096
-        stores = [store("st9", "127.0.0.9", "st9", each),
-                  store("st10", "127.0.0.10", "st10", each),
-                  store("st11", "127.0.0.11", "st11", each)]
-        probe.stop()
-        cluster = LocalCluster(os.path.abspath(self.mktemp()), sources, stores)
-        self.addCleanup(cluster.stop)
+        stores = [store(f"st{first + 2 + i}", f"127.0.0.{first + 2 + i}", f"st{i}", each)
+                  for i in range(3)]
+        cluster = self.make(sources, stores)
+        self.assertLessEqual(sum(st["size_bytes"] for st in stores),
+                             need * 1.25 + 6 * 41 * 4096)
+        return cluster
+
+    @inlineCallbacks
+    def test_tight_space(self):
+        cluster = self.tight(3, 7)
         yield cluster.start()
         yield self.converge(cluster)
         self.check_ground_truth(cluster)
-        total = sum(st["size_bytes"] for st in stores)
-        self.assertLessEqual(total, need * 1.25 + 6 * 41 * 4096)
+
+    @inlineCallbacks
+    def test_tight_space_late_source(self):
+        """
+        src2 (copies 1) is copied to every store first; when src1 arrives,
+        the stores must swap src2's surplus copies out to make room.
+        """
+        cluster = self.tight(5, 12)
+        yield cluster.start(servers=["src2"])
+        src2 = cluster.sources[1]
+        files = list(source_files(os.fsencode(src2["path"])))
+        yield wait_for(lambda: all(len(cluster.holders(src2, rel)) == 3 for rel in files),
+                       timeout=120, interval=1.0, what="src2 on every store")
+        yield cluster.start_server("src1")
+        yield self.converge(cluster)
+        self.check_ground_truth(cluster)
+        dropped = sum(1 for rel in files if len(cluster.holders(src2, rel)) < 3)
+        self.assertGreater(dropped, 0, "room for src1 must come from src2's surplus copies")

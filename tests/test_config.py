@@ -206,6 +206,10 @@ class ErrorTests(SynchronousTestCase):
         self.assertProblem("server: h:/s\naddress: 10.0.0.1\nbackup: h:/b\nsize: 1g\n"
                            "address: 10.0.0.2\n", 3, "has address 10.0.0.2 here")
 
+    def test_one_address_two_hosts(self):
+        self.assertProblem("server: a:/s\naddress: 10.0.0.1\nserver: b:/s\n"
+                           "address: 10.0.0.1\n", 3, "one machine must have one name")
+
     def test_ignore_unknown_source(self):
         self.assertProblem(SEED + "ignore source: host1:/path/to/directory\n"
                            "ignore source: host9:/nope\n", 11, "not a source")
@@ -274,7 +278,9 @@ def clusters(draw) -> Cluster:
         transport=draw(st.sampled_from(["daemon", "ssh"])),
     )
     hosts = draw(st.lists(_hosts, min_size=1, max_size=4, unique=True))
-    addresses = {h: draw(st.none() | st.ip_addresses(v=4).map(str)) for h in hosts}
+    unique = draw(st.lists(st.ip_addresses(v=4).map(str), min_size=len(hosts),
+                           max_size=len(hosts), unique=True))
+    addresses = {h: a if draw(st.booleans()) else None for h, a in zip(hosts, unique)}
 
     def address(host):
         return addresses[host] if draw(st.booleans()) else None

@@ -1,7 +1,9 @@
 """
-Tests for L{cluster_backup.protocol}: the encodings and their paging, and the
-AMP conversation between a client and L{ServerProtocol} over iosim, against
-a fake ledger that records every call.
+Tests for L{cluster_backup.protocol} (the encodings and their paging), and for
+the AMP conversation between the client helpers of L{cluster_backup.session}
+and L{cluster_backup.responder}'s L{ServerProtocol} over iosim, against a fake
+ledger that records every call.  Both sides are tested together because each
+is the other's only real peer.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from twisted.protocols import amp
 from twisted.test.iosim import FakeTransport, connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
-from cluster_backup import protocol as P
+from cluster_backup import protocol as P, session as S
 from cluster_backup.ledger import Ledger
 from cluster_backup.records import (
     FileRecord,
@@ -29,6 +31,7 @@ from cluster_backup.records import (
     StoreStatus,
     relpath_problem,
 )
+from cluster_backup.responder import ServerFactory, ServerProtocol
 
 SECRET = b"s3cr3t-XYZZY-do-not-leak"
 SOURCE = "host1:/data"
@@ -255,7 +258,7 @@ class Harness:
         self.traffic: list[bytes] = []
         self.ledger = FakeLedger(SOURCE, FILES)
         self.ledgers = ledgers if ledgers is not None else {SOURCE: self.ledger}
-        self.server = P.ServerProtocol(
+        self.server = ServerProtocol(
             self.ledgers,
             STORES,
             secret,
@@ -293,7 +296,7 @@ class Harness:
         return self.ok(self.client.callRemote(command, **kw))
 
     def login(self, host="host3", secret=SECRET):
-        return self.ok(P.login(self.client, host, secret))
+        return self.ok(S.login(self.client, host, secret))
 
     def wire(self) -> bytes:
         return b"".join(self.traffic)
@@ -322,21 +325,21 @@ class AuthTests(SynchronousTestCase):
 
     def test_wrong_secret_refused(self):
         h = Harness(self)
-        h.refused(P.login(h.client, "host3", b"wrong"), P.AuthFailed)
+        h.refused(S.login(h.client, "host3", b"wrong"), P.AuthFailed)
         self.assertIsNone(h.server.client_host)
         h.refused(h.client.callRemote(P.Status), P.NotAuthenticated)
         self.assertFalse(h.server_io.disconnecting)
 
     def test_client_without_secret_refused(self):
         h = Harness(self)
-        f = h.refused(P.login(h.client, "host3", None), P.AuthFailed)
+        f = h.refused(S.login(h.client, "host3", None), P.AuthFailed)
         self.assertIn("requires", str(f.value))
         self.assertIsNone(h.server.client_host)
 
     def test_client_with_secret_refuses_open_server(self):
         """A server that does not check the secret may be an impostor."""
         h = Harness(self, secret=None)
-        h.refused(P.login(h.client, "host3", SECRET), P.AuthFailed)
+        h.refused(S.login(h.client, "host3", SECRET), P.AuthFailed)
 
     def test_client_checks_server_mac(self):
         """A server that accepts any MAC but cannot prove the secret is refused."""
@@ -351,7 +354,7 @@ class AuthTests(SynchronousTestCase):
                 return dict(server_mac=b"\0" * 32)
 
         client, server, pump = connectedServerAndClient(Impostor, amp.AMP)
-        d = P.login(client, "host3", SECRET)
+        d = S.login(client, "host3", SECRET)
         pump.flush()
         f = self.failureResultOf(d, P.AuthFailed)
         self.assertIn("prove", str(f.value))
@@ -438,7 +441,7 @@ class AuthTests(SynchronousTestCase):
     def test_two_failures_then_success(self):
         h = Harness(self)
         for attempt in range(2):
-            h.refused(P.login(h.client, "host3", b"wrong"), P.AuthFailed)
+            h.refused(S.login(h.client, "host3", b"wrong"), P.AuthFailed)
         self.assertEqual(h.login(), "host1")
         self.assertFalse(h.server_io.disconnecting)
 
@@ -473,14 +476,14 @@ class AuthTests(SynchronousTestCase):
     def test_secret_never_on_wire_or_in_logs(self):
         with capturedLogs() as events:
             h = Harness(self)
-            h.refused(P.login(h.client, "host3", b"wrong"), P.AuthFailed)
+            h.refused(S.login(h.client, "host3", b"wrong"), P.AuthFailed)
             h.login()
-            h.ok(P.report_inventory(h.client, SOURCE, STORE, FILES))
-            h.ok(P.list_all_needs(h.client, SOURCE, STORE))
-            h.ok(P.list_surplus(h.client, SOURCE, STORE))
-            h.ok(P.claim(h.client, SOURCE, STORE, [b"a.txt"]))
-            h.ok(P.release(h.client, SOURCE, STORE, [b"a.txt"], drop=True))
-            h.ok(P.status_all(h.client))
+            h.ok(S.report_inventory(h.client, SOURCE, STORE, FILES))
+            h.ok(S.list_all_needs(h.client, SOURCE, STORE))
+            h.ok(S.list_surplus(h.client, SOURCE, STORE))
+            h.ok(S.claim(h.client, SOURCE, STORE, [b"a.txt"]))
+            h.ok(S.release(h.client, SOURCE, STORE, [b"a.txt"], drop=True))
+            h.ok(S.status_all(h.client))
         wire = h.wire()
         self.assertIn(b"hello", wire)
         self.assertIn(b"dir/sub/c", wire)
@@ -506,7 +509,7 @@ class CommandTests(SynchronousTestCase):
         held = [FileRecord(b"a.txt", 10, 100), FileRecord(b"dir/b.bin", 21, 200)]
         held.append(FileRecord(b"gone", 1, 1))
         answer = self.h.ok(
-            P.report_inventory(self.h.client, SOURCE, STORE, held, used=50, quota=900)
+            S.report_inventory(self.h.client, SOURCE, STORE, held, used=50, quota=900)
         )
         self.assertEqual(answer, ReportAnswer(stale=(b"dir/b.bin",), orphans=(b"gone",)))
         self.assertEqual(
@@ -521,7 +524,7 @@ class CommandTests(SynchronousTestCase):
     def test_report_inventory_pages(self):
         held = [FileRecord(b"f%04d" % i, i, i) for i in range(100)]
         answer = self.h.ok(
-            P.report_inventory(self.h.client, SOURCE, STORE, held, budget=500)
+            S.report_inventory(self.h.client, SOURCE, STORE, held, budget=500)
         )
         self.assertEqual(set(answer.orphans), {r.path for r in held})
         names = [c[0] for c in self.ledger.calls]
@@ -533,7 +536,7 @@ class CommandTests(SynchronousTestCase):
         self.assertGreater(names.count("report"), 1)
 
     def test_report_empty_inventory(self):
-        answer = self.h.ok(P.report_inventory(self.h.client, SOURCE, STORE, []))
+        answer = self.h.ok(S.report_inventory(self.h.client, SOURCE, STORE, []))
         self.assertEqual(answer, ReportAnswer())
         self.assertEqual(
             [c[0] for c in self.ledger.calls],
@@ -541,17 +544,17 @@ class CommandTests(SynchronousTestCase):
         )
 
     def test_inventory_marks(self):
-        self.assertEqual(P.inventory_marks(1), ["start+end"])
-        self.assertEqual(P.inventory_marks(2), ["start", "end"])
-        self.assertEqual(P.inventory_marks(4), ["start", "", "", "end"])
+        self.assertEqual(S.inventory_marks(1), ["start+end"])
+        self.assertEqual(S.inventory_marks(2), ["start", "end"])
+        self.assertEqual(S.inventory_marks(4), ["start", "", "", "end"])
 
     def test_report_delta(self):
         new = [FileRecord(b"dir/sub/c", 30, 300)]
-        self.h.ok(P.report_delta(self.h.client, SOURCE, STORE, new, [b"a.txt"], used=7))
+        self.h.ok(S.report_delta(self.h.client, SOURCE, STORE, new, [b"a.txt"], used=7))
         self.assertEqual(self.ledger.calls, [("report", STORE, new, [b"a.txt"], 7, None)])
 
     def test_report_delta_empty_renews(self):
-        self.h.ok(P.report_delta(self.h.client, SOURCE, STORE))
+        self.h.ok(S.report_delta(self.h.client, SOURCE, STORE))
         self.assertEqual(self.ledger.calls, [("report", STORE, [], [], None, None)])
 
     def test_report_answer_overflow_is_continued(self):
@@ -572,7 +575,7 @@ class CommandTests(SynchronousTestCase):
         self.assertEqual(got, stale)
         # and the helper follows "more" by itself
         self.ledger.extra_stale = list(stale)
-        result = self.h.ok(P.report_delta(self.h.client, SOURCE, STORE))
+        result = self.h.ok(S.report_delta(self.h.client, SOURCE, STORE))
         self.assertEqual(list(result.stale), stale)
 
     def test_list_needs(self):
@@ -596,11 +599,11 @@ class CommandTests(SynchronousTestCase):
 
     def test_list_all_needs(self):
         needs, safemode = self.h.ok(
-            P.list_all_needs(self.h.client, SOURCE, STORE, page=1)
+            S.list_all_needs(self.h.client, SOURCE, STORE, page=1)
         )
         self.assertEqual([n.path for n in needs], [r.path for r in FILES])
         self.assertFalse(safemode)
-        needs, _ = self.h.ok(P.list_all_needs(self.h.client, SOURCE, STORE, limit=2))
+        needs, _ = self.h.ok(S.list_all_needs(self.h.client, SOURCE, STORE, limit=2))
         self.assertEqual(len(needs), 2)
 
     def test_list_needs_big_paths_fit(self):
@@ -610,7 +613,7 @@ class CommandTests(SynchronousTestCase):
         answer = self.h.call(P.ListNeeds, source=SOURCE, store=STORE, limit=100)
         self.assertLess(len(answer["needs"]), 100)
         self.assertLessEqual(len(P.encode_needs(answer["needs"])), P.PAGE_BUDGET)
-        needs, _ = self.h.ok(P.list_all_needs(self.h.client, SOURCE, STORE, page=100))
+        needs, _ = self.h.ok(S.list_all_needs(self.h.client, SOURCE, STORE, page=100))
         self.assertEqual([n.path for n in needs], [r.path for r in files])
 
     def hold(self, store: str, *records: FileRecord) -> None:
@@ -621,7 +624,7 @@ class CommandTests(SynchronousTestCase):
         """a.txt: 3 copies, dir/b.bin: 2, dir/sub/c: 1 (one wanted); STORE
         holds all three, dir/b.bin at a stale version on STORE_B."""
         self.ledger.copies = 1
-        self.h.ok(P.report_inventory(self.h.client, SOURCE, STORE, FILES))
+        self.h.ok(S.report_inventory(self.h.client, SOURCE, STORE, FILES))
         self.hold(FOREIGN_STORE, FILES[0], FILES[1])
         self.hold(STORE_B, FILES[0], FileRecord(b"dir/sub/c", 31, 300))
         self.ledger.calls.clear()
@@ -647,12 +650,12 @@ class CommandTests(SynchronousTestCase):
 
     def test_list_surplus_helper(self):
         self.surplus_setup()
-        needs = self.h.ok(P.list_surplus(self.h.client, SOURCE, STORE, page=1))
+        needs = self.h.ok(S.list_surplus(self.h.client, SOURCE, STORE, page=1))
         self.assertEqual(
             [(n.path, n.copies) for n in needs], [(b"a.txt", 3), (b"dir/b.bin", 2)]
         )
         self.assertEqual([c[0] for c in self.ledger.calls], ["surplus"] * 2)
-        needs = self.h.ok(P.list_surplus(self.h.client, SOURCE, STORE, limit=1))
+        needs = self.h.ok(S.list_surplus(self.h.client, SOURCE, STORE, limit=1))
         self.assertEqual([n.path for n in needs], [b"a.txt"])
         self.assertEqual(self.ledger.calls[-1], ("surplus", STORE, None, 1))
 
@@ -667,7 +670,7 @@ class CommandTests(SynchronousTestCase):
             return real(store, cursor, 1)
 
         self.ledger.surplus = budgeted
-        needs = self.h.ok(P.list_surplus(self.h.client, SOURCE, STORE))
+        needs = self.h.ok(S.list_surplus(self.h.client, SOURCE, STORE))
         self.assertEqual([n.path for n in needs], [b"a.txt", b"dir/b.bin"])
 
     def test_list_surplus_safemode(self):
@@ -675,7 +678,7 @@ class CommandTests(SynchronousTestCase):
         self.ledger._safemode = True
         answer = self.h.call(P.ListSurplus, source=SOURCE, store=STORE, limit=5)
         self.assertEqual((answer["needs"], answer["cursor"]), ([], None))
-        self.assertEqual(self.h.ok(P.list_surplus(self.h.client, SOURCE, STORE)), [])
+        self.assertEqual(self.h.ok(S.list_surplus(self.h.client, SOURCE, STORE)), [])
 
     def test_list_surplus_big_paths_fit(self):
         """Surplus with 4,096-byte paths comes in fewer per page, none lost."""
@@ -688,11 +691,11 @@ class CommandTests(SynchronousTestCase):
         self.assertLess(len(answer["needs"]), 100)
         self.assertIsNotNone(answer["cursor"])
         self.assertLessEqual(len(P.encode_needs(answer["needs"])), P.PAGE_BUDGET)
-        needs = self.h.ok(P.list_surplus(self.h.client, SOURCE, STORE, page=100))
+        needs = self.h.ok(S.list_surplus(self.h.client, SOURCE, STORE, page=100))
         self.assertEqual([n.path for n in needs], [r.path for r in files])
 
     def test_claim(self):
-        grant = self.h.ok(P.claim(self.h.client, SOURCE, STORE, [b"a.txt", b"dir/b.bin"]))
+        grant = self.h.ok(S.claim(self.h.client, SOURCE, STORE, [b"a.txt", b"dir/b.bin"]))
         self.assertEqual(grant.granted, (b"a.txt", b"dir/b.bin"))
         self.assertEqual(grant.endpoint, P.RsyncEndpoint(*RSYNC))
         self.assertEqual(grant.endpoint.password, "rsync-pw")
@@ -700,26 +703,26 @@ class CommandTests(SynchronousTestCase):
         self.assertEqual(grant.ttl, P.CLAIM_TTL)
         self.assertEqual(self.ledger.claims[STORE], {b"a.txt", b"dir/b.bin"})
         # another store of the same host is granted only what is left
-        grant = self.h.ok(P.claim(self.h.client, SOURCE, STORE_B, [b"a.txt", b"dir/sub/c"]))
+        grant = self.h.ok(S.claim(self.h.client, SOURCE, STORE_B, [b"a.txt", b"dir/sub/c"]))
         self.assertEqual(grant.granted, (b"dir/sub/c",))
 
     def test_claim_pages(self):
         files = [FileRecord(b"%04d" % i + b"c" * 3000, i, i) for i in range(50)]
         self.ledger.files = {r.path: r for r in files}
         paths = [r.path for r in files]
-        grant = self.h.ok(P.claim(self.h.client, SOURCE, STORE, paths))
+        grant = self.h.ok(S.claim(self.h.client, SOURCE, STORE, paths))
         self.assertEqual(list(grant.granted), paths)
         self.assertGreater(len(self.ledger.mutations()), 1)
 
     def test_release(self):
-        self.h.ok(P.claim(self.h.client, SOURCE, STORE, [b"a.txt"]))
-        granted = self.h.ok(P.release(self.h.client, SOURCE, STORE, [b"a.txt"]))
+        self.h.ok(S.claim(self.h.client, SOURCE, STORE, [b"a.txt"]))
+        granted = self.h.ok(S.release(self.h.client, SOURCE, STORE, [b"a.txt"]))
         self.assertEqual(granted, [])
         self.assertEqual(self.ledger.claims[STORE], set())
         self.assertIn(("release", STORE, [b"a.txt"]), self.ledger.calls)
 
     def test_release_drop(self):
-        self.h.ok(P.report_inventory(self.h.client, SOURCE, STORE, FILES[:2]))
+        self.h.ok(S.report_inventory(self.h.client, SOURCE, STORE, FILES[:2]))
         answer = self.h.call(
             P.Release, source=SOURCE, store=STORE, paths=[b"a.txt", b"dir/sub/c"], drop=True
         )
@@ -729,17 +732,17 @@ class CommandTests(SynchronousTestCase):
     def test_drop_orphan(self):
         """An orphan (unknown to the source, held by the store) may be dropped."""
         orphan = FileRecord(b"deleted/on/source", 5, 5)
-        answer = self.h.ok(P.report_inventory(self.h.client, SOURCE, STORE, [orphan]))
+        answer = self.h.ok(S.report_inventory(self.h.client, SOURCE, STORE, [orphan]))
         self.assertEqual(answer.orphans, (orphan.path,))
         granted = self.h.ok(
-            P.release(self.h.client, SOURCE, STORE, [orphan.path], drop=True)
+            S.release(self.h.client, SOURCE, STORE, [orphan.path], drop=True)
         )
         self.assertEqual(granted, [orphan.path])
         self.assertNotIn(orphan.path, self.ledger.held[STORE])
 
     def test_status(self):
-        self.h.ok(P.report_inventory(self.h.client, SOURCE, STORE, FILES))
-        sources, stores = self.h.ok(P.status_all(self.h.client))
+        self.h.ok(S.report_inventory(self.h.client, SOURCE, STORE, FILES))
+        sources, stores = self.h.ok(S.status_all(self.h.client))
         self.assertEqual(sources, [self.ledger.status()])
         self.assertEqual(stores, [(SOURCE, s) for s in self.ledger.store_status()])
 
@@ -752,7 +755,7 @@ class CommandTests(SynchronousTestCase):
         answer = self.h.call(P.Status)
         self.assertIsNotNone(answer["cursor"])
         self.assertLessEqual(len(answer["statuses"].encode()), P.PAGE_BUDGET)
-        sources, stores = self.h.ok(P.status_all(self.h.client))
+        sources, stores = self.h.ok(S.status_all(self.h.client))
         self.assertEqual([s for _, s in stores], many)
         self.assertEqual(len(sources), 1)
 
@@ -778,12 +781,12 @@ class CommandTests(SynchronousTestCase):
         ]
         records = [FileRecord(p, i, i) for i, p in enumerate(odd)]
         self.ledger.files = {r.path: r for r in records}
-        self.h.ok(P.report_inventory(self.h.client, SOURCE, STORE, records))
+        self.h.ok(S.report_inventory(self.h.client, SOURCE, STORE, records))
         reported = [c for c in self.ledger.calls if c[0] == "report"][0][2]
         self.assertEqual(reported, records)
-        grant = self.h.ok(P.claim(self.h.client, SOURCE, STORE_B, odd))
+        grant = self.h.ok(S.claim(self.h.client, SOURCE, STORE_B, odd))
         self.assertEqual(list(grant.granted), odd)
-        needs, _ = self.h.ok(P.list_all_needs(self.h.client, SOURCE, STORE_B))
+        needs, _ = self.h.ok(S.list_all_needs(self.h.client, SOURCE, STORE_B))
         self.assertEqual(sorted(n.path for n in needs), sorted(odd))
 
 
@@ -862,13 +865,13 @@ class RefusalTests(SynchronousTestCase):
     def every_command(self, source, store):
         c = self.h.client
         return [
-            P.report_inventory(c, source, store, FILES),
-            P.report_delta(c, source, store, FILES, [b"a.txt"]),
-            P.list_all_needs(c, source, store),
-            P.list_surplus(c, source, store),
-            P.claim(c, source, store, [b"a.txt"]),
-            P.release(c, source, store, [b"a.txt"]),
-            P.release(c, source, store, [b"a.txt"], drop=True),
+            S.report_inventory(c, source, store, FILES),
+            S.report_delta(c, source, store, FILES, [b"a.txt"]),
+            S.list_all_needs(c, source, store),
+            S.list_surplus(c, source, store),
+            S.claim(c, source, store, [b"a.txt"]),
+            S.release(c, source, store, [b"a.txt"]),
+            S.release(c, source, store, [b"a.txt"], drop=True),
         ]
 
     def test_unknown_source(self):
@@ -930,7 +933,7 @@ class RefusalTests(SynchronousTestCase):
     def test_bad_paths_refused_by_client(self):
         for bad in BAD_PATHS:
             sent = len(self.h.wire())
-            d = P.claim(self.h.client, SOURCE, STORE, [bad])
+            d = S.claim(self.h.client, SOURCE, STORE, [bad])
             self.h.refused(d, P.BadPath)
             self.assertEqual(len(self.h.wire()), sent)  # nothing was sent
         self.assertEqual(self.ledger.calls, [])
@@ -939,19 +942,19 @@ class RefusalTests(SynchronousTestCase):
         paths = [b"a.txt", b"dir/nope", b"dir/b.bin"]
         for drop in (None, False):
             if drop is None:
-                d = P.claim(self.h.client, SOURCE, STORE, paths)
+                d = S.claim(self.h.client, SOURCE, STORE, paths)
             else:
-                d = P.release(self.h.client, SOURCE, STORE, paths, drop=drop)
+                d = S.release(self.h.client, SOURCE, STORE, paths, drop=drop)
             f = self.h.refused(d, P.UnknownPath)
             self.assertIn("dir/nope", str(f.value))
         self.assertUnchanged()
 
     def test_unknown_paths_drop(self):
         """A drop naming a path neither in the source nor held changes nothing."""
-        self.h.ok(P.report_inventory(self.h.client, SOURCE, STORE, FILES))
+        self.h.ok(S.report_inventory(self.h.client, SOURCE, STORE, FILES))
         before = self.ledger.state()
         paths = [b"a.txt", b"dir/nope", b"dir/b.bin"]
-        d = P.release(self.h.client, SOURCE, STORE, paths, drop=True)
+        d = S.release(self.h.client, SOURCE, STORE, paths, drop=True)
         f = self.h.refused(d, P.UnknownPath)
         self.assertIn("dir/nope", str(f.value))
         self.assertEqual(self.ledger.state(), before)
@@ -966,7 +969,7 @@ class RefusalTests(SynchronousTestCase):
         self.assertUnchanged()
 
     def test_negative_usage(self):
-        d = P.report_delta(self.h.client, SOURCE, STORE, FILES, used=-1)
+        d = S.report_delta(self.h.client, SOURCE, STORE, FILES, used=-1)
         self.h.refused(d, P.BadArgument)
         self.assertUnchanged()
 
@@ -1017,7 +1020,7 @@ class RefusalTests(SynchronousTestCase):
 
     def test_ledger_errors_translated_by_name(self):
         self.ledger.raise_on_report = LedgerUnknownStore("ledger has no such store")
-        d = P.report_delta(self.h.client, SOURCE, STORE)
+        d = S.report_delta(self.h.client, SOURCE, STORE)
         f = self.h.refused(d, P.UnknownStore)
         self.assertIn("ledger has no such store", str(f.value))
         self.assertFalse(self.h.server_io.disconnecting)
@@ -1059,24 +1062,24 @@ class RealLedgerSurplusTests(SynchronousTestCase):
         self.assertTrue(self.real.safemode)  # STORE has not reported yet
 
     def test_surplus_then_drop(self):
-        self.assertEqual(self.h.ok(P.list_surplus(self.h.client, SOURCE, STORE)), [])
-        self.h.ok(P.report_inventory(self.h.client, SOURCE, STORE, FILES))
+        self.assertEqual(self.h.ok(S.list_surplus(self.h.client, SOURCE, STORE)), [])
+        self.h.ok(S.report_inventory(self.h.client, SOURCE, STORE, FILES))
         self.assertFalse(self.real.safemode)
-        needs = self.h.ok(P.list_surplus(self.h.client, SOURCE, STORE, page=1))
+        needs = self.h.ok(S.list_surplus(self.h.client, SOURCE, STORE, page=1))
         self.assertEqual(
             needs, [Need(b"a.txt", 10, 100, 3, 1), Need(b"dir/b.bin", 20, 200, 2, 1)]
         )
         granted = self.h.ok(
-            P.release(self.h.client, SOURCE, STORE, [b"a.txt"], drop=True)
+            S.release(self.h.client, SOURCE, STORE, [b"a.txt"], drop=True)
         )
         self.assertEqual(granted, [b"a.txt"])
-        needs = self.h.ok(P.list_surplus(self.h.client, SOURCE, STORE))
+        needs = self.h.ok(S.list_surplus(self.h.client, SOURCE, STORE))
         self.assertEqual([n.path for n in needs], [b"dir/b.bin"])
         # STORE_B (same host) holds nothing: it has nothing to drop.
-        self.assertEqual(self.h.ok(P.list_surplus(self.h.client, SOURCE, STORE_B)), [])
+        self.assertEqual(self.h.ok(S.list_surplus(self.h.client, SOURCE, STORE_B)), [])
 
     def test_bad_cursors_refused(self):
-        self.h.ok(P.report_inventory(self.h.client, SOURCE, STORE, FILES))
+        self.h.ok(S.report_inventory(self.h.client, SOURCE, STORE, FILES))
         before = (self.real.status(), self.real.store_status())
         _, needs_cursor = self.real.needs("host5:/b", None, 1)
         self.assertIsNotNone(needs_cursor)
@@ -1237,7 +1240,7 @@ class ExchangeTests(SynchronousTestCase):
         h = Harness(self)
         h.login()
         h.ledger.files = {p: FileRecord(p, 1, 1) for p in paths}
-        grant = h.ok(P.claim(h.client, SOURCE, STORE, paths))
+        grant = h.ok(S.claim(h.client, SOURCE, STORE, paths))
         self.assertEqual(list(grant.granted), paths)
         claimed = [p for c in h.ledger.calls if c[0] == "claim" for p in c[2]]
         self.assertEqual(claimed, paths)
@@ -1246,16 +1249,16 @@ class ExchangeTests(SynchronousTestCase):
 class FactoryTests(SynchronousTestCase):
     def test_factory_builds_configured_protocols(self):
         ledger = FakeLedger(SOURCE, FILES)
-        factory = P.ServerFactory(
+        factory = ServerFactory(
             {SOURCE: ledger}, STORES, SECRET, "host1", lambda s: RSYNC, Clock()
         )
         a = factory.buildProtocol(None)
         b = factory.buildProtocol(None)
-        self.assertIsInstance(a, P.ServerProtocol)
+        self.assertIsInstance(a, ServerProtocol)
         self.assertIsNot(a, b)
         self.assertIs(a.ledgers[SOURCE], ledger)
         self.assertIs(a.factory, factory)
         client, server, pump = connectedServerAndClient(lambda: a, amp.AMP)
-        d = P.login(client, "host3", SECRET)
+        d = S.login(client, "host3", SECRET)
         pump.flush()
         self.assertEqual(self.successResultOf(d), "host1")

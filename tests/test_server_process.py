@@ -14,7 +14,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.protocols import amp
 from twisted.trial.unittest import TestCase
 
-from cluster_backup import protocol
+from cluster_backup import protocol, session
 from cluster_backup.records import FileRecord
 from tests.harness import Twistd, free_port, wait_for
 
@@ -103,39 +103,39 @@ class ServerProcessTests(TestCase):
         self.server.start()
         yield self.server.wait_listening(ADDRESS, self.port)
         proto = yield self.connect()
-        server_host = yield protocol.login(proto, "st", SECRET.encode())
+        server_host = yield session.login(proto, "st", SECRET.encode())
         self.assertEqual(server_host, "srv")
 
         @inlineCallbacks
         def scanned():
-            sources, _ = yield protocol.status_all(proto)
+            sources, _ = yield session.status_all(proto)
             return sources[0].scanned is not None
 
         yield wait_for(scanned, what="the first scan")
-        yield protocol.report_inventory(proto, self.source_id, self.store_id, [])
-        needs, safemode = yield protocol.list_all_needs(proto, self.source_id, self.store_id)
+        yield session.report_inventory(proto, self.source_id, self.store_id, [])
+        needs, safemode = yield session.list_all_needs(proto, self.source_id, self.store_id)
         self.assertFalse(safemode)
         self.assertEqual({n.path for n in needs},
                          set(self.files) | {b"escape", b"escdir"})
 
-        grant = yield protocol.claim(proto, self.source_id, self.store_id, [b"a.txt"])
+        grant = yield session.claim(proto, self.source_id, self.store_id, [b"a.txt"])
         self.assertEqual(grant.granted, (b"a.txt",))
         out, err, code = yield self.rsync(grant, ["a.txt"])
         self.assertEqual(code, 0, err)
         with open(os.path.join(self.dest, "a.txt"), "rb") as f:
             self.assertEqual(f.read(), self.files[b"a.txt"])
         st = os.lstat(os.path.join(self.dest, "a.txt"))
-        answer = yield protocol.report_delta(
+        answer = yield session.report_delta(
             proto, self.source_id, self.store_id,
             [FileRecord(b"a.txt", st.st_size, int(st.st_mtime))])
         self.assertEqual((list(answer.stale), list(answer.orphans)), ([], []))
-        sources, stores = yield protocol.status_all(proto)
+        sources, stores = yield session.status_all(proto)
         (status,) = sources
         self.assertEqual(status.histogram.get(1), [1, len(self.files[b"a.txt"])])
         self.assertEqual(status.under_files, len(self.files) + 2 - 1)
 
         # A wrong password is refused by the daemon.
-        bad = protocol.Grant(grant.granted, protocol.RsyncEndpoint(
+        bad = session.Grant(grant.granted, protocol.RsyncEndpoint(
             grant.endpoint.host, grant.endpoint.port, grant.endpoint.module,
             grant.endpoint.user, "wrong"), grant.ttl)
         out, err, code = yield self.rsync(bad, ["a.txt"])
@@ -146,12 +146,12 @@ class ServerProcessTests(TestCase):
         self.server.start()
         yield self.server.wait_listening(ADDRESS, self.port)
         proto = yield self.connect()
-        yield protocol.login(proto, "st", SECRET.encode())
-        yield wait_for(lambda: protocol.status_all(proto).addCallback(
+        yield session.login(proto, "st", SECRET.encode())
+        yield wait_for(lambda: session.status_all(proto).addCallback(
             lambda r: r[0][0].scanned is not None), what="the first scan")
-        yield protocol.report_inventory(proto, self.source_id, self.store_id, [])
-        grant = yield protocol.claim(proto, self.source_id, self.store_id,
-                                     [b"escape", b"escdir"])
+        yield session.report_inventory(proto, self.source_id, self.store_id, [])
+        grant = yield session.claim(proto, self.source_id, self.store_id,
+                                    [b"escape", b"escdir"])
         for flags in ([], ["-L"], ["--copy-unsafe-links"], ["-k"]):
             yield self.rsync(grant, ["escape", "escdir/secret.txt", "escdir/"], *flags)
         leaked = []
@@ -172,5 +172,5 @@ class ServerProcessTests(TestCase):
         yield self.server.wait_listening(ADDRESS, self.port)
         proto = yield self.connect()
         with self.assertRaises(Exception):
-            yield protocol.login(proto, "st", b"not-the-secret")
+            yield session.login(proto, "st", b"not-the-secret")
         self.assertNotIn(SECRET, self.server.log())

@@ -16,10 +16,8 @@ from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from cluster_backup import transfer
 from cluster_backup.records import FileRecord
 from cluster_backup.transfer import (
-    RsyncTransfer,
     build_argv,
     classify_exit,
     escape,

@@ -1,0 +1,313 @@
+"""
+The client's side of the AMP conversation: helpers that drive any
+L{amp.AMP} connected to a server through the commands of
+L{cluster_backup.protocol}.
+
+Each helper hides the conversation's paging: L{report_inventory},
+L{report_delta}, L{claim} and L{release} split their lists into pages that
+fit the AMP value limit, and L{list_all_needs}, L{list_surplus} and
+L{status_all} follow cursors to the end.  L{login} authenticates both ways.
+They fire Deferreds, so Twisted code calls them without coroutines.  They
+are kept apart from the server so that a client imports only the contract
+and these.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+from functools import wraps
+from itertools import zip_longest
+from typing import Any, Callable, Coroutine, Iterable, Optional, TypeVar
+
+from attrs import frozen
+from twisted.internet.defer import Deferred
+from twisted.protocols import amp
+
+from .protocol import (
+    NONCE_BYTES,
+    PAGE_BUDGET,
+    PROTOCOL_VERSION,
+    Authenticate,
+    AuthFailed,
+    Claim,
+    Hello,
+    ListNeeds,
+    ListSurplus,
+    Release,
+    Report,
+    RsyncEndpoint,
+    Status,
+    auth_mac,
+    page_paths,
+    page_records,
+)
+from .records import FileRecord, Need, ReportAnswer, SourceStatus, StoreStatus
+
+R = TypeVar("R")
+
+
+def _deferred(f: Callable[..., Coroutine[Any, Any, R]]) -> Callable[..., Deferred[R]]:
+    @wraps(f)
+    def wrapper(*args, **kwargs) -> Deferred[R]:
+        return Deferred.fromCoroutine(f(*args, **kwargs))
+
+    return wrapper
+
+
+@_deferred
+async def login(
+    proto: amp.AMP,
+    client_host: str,
+    secret: Optional[bytes],
+    nonce: Callable[[int], bytes] = os.urandom,
+) -> str:
+    """
+    Say L{Hello} as C{client_host} and authenticate both ways; fires with
+    the server's host name.  A client with a secret refuses a server that
+    does not ask for one or cannot prove it knows it (L{AuthFailed}).
+    """
+    hello = await proto.callRemote(
+        Hello, client_host=client_host, protocol=PROTOCOL_VERSION
+    )
+    server = hello["server_host"]
+    if not hello["auth_required"]:
+        if secret is not None:
+            raise AuthFailed(f"server {server} does not check the secret; refusing it")
+        return server
+    if secret is None:
+        raise AuthFailed(f"server {server} requires the shared secret")
+    server_nonce = hello["nonce"]
+    if len(server_nonce) != NONCE_BYTES:
+        raise AuthFailed(f"server {server} sent a bad challenge")
+    client_nonce = nonce(NONCE_BYTES)
+    answer = await proto.callRemote(
+        Authenticate,
+        client_nonce=client_nonce,
+        mac=auth_mac(secret, b"client", server_nonce, client_nonce, client_host),
+    )
+    expected = auth_mac(secret, b"server", server_nonce, client_nonce, client_host)
+    if not hmac.compare_digest(answer["server_mac"], expected):
+        raise AuthFailed(f"server {server} could not prove it knows the secret")
+    return server
+
+
+async def _send_reports(proto, source, store, pages, used, quota) -> ReportAnswer:
+    """
+    Send one L{Report} per C{(files, removed, mark)} page, then empty deltas
+    while the server says it has C{more} to answer; gather the answers.
+    """
+    stale: list[bytes] = []
+    orphans: list[bytes] = []
+    more = False
+    for files, removed, mark in pages:
+        answer = await proto.callRemote(
+            Report,
+            source=source,
+            store=store,
+            files=files,
+            removed=removed,
+            inventory=mark,
+            used=used,
+            quota=quota,
+        )
+        stale.extend(answer["stale"])
+        orphans.extend(answer["orphans"])
+        more = answer["more"]
+    while more:
+        answer = await proto.callRemote(
+            Report, source=source, store=store, files=[], removed=[], inventory=""
+        )
+        stale.extend(answer["stale"])
+        orphans.extend(answer["orphans"])
+        more = answer["more"]
+    return ReportAnswer(stale=tuple(stale), orphans=tuple(orphans))
+
+
+def inventory_marks(count: int) -> list[str]:
+    """The L{Report} C{inventory} marks of an inventory sent in C{count} pages."""
+    if count <= 1:
+        return ["start+end"]
+    return ["start"] + [""] * (count - 2) + ["end"]
+
+
+@_deferred
+async def report_inventory(
+    proto: amp.AMP,
+    source: str,
+    store: str,
+    records: Iterable[FileRecord],
+    used: Optional[int] = None,
+    quota: Optional[int] = None,
+    budget: int = PAGE_BUDGET,
+) -> ReportAnswer:
+    """
+    Report C{store}'s full inventory of C{source} in pages (one page marked
+    C{"start+end"} when it fits, or when empty); fires with every stale and
+    orphaned path the server answered.
+    """
+    pages = page_records(records, budget) or [[]]
+    marks = inventory_marks(len(pages))
+    sends = [(page, [], mark) for page, mark in zip(pages, marks)]
+    return await _send_reports(proto, source, store, sends, used, quota)
+
+
+@_deferred
+async def report_delta(
+    proto: amp.AMP,
+    source: str,
+    store: str,
+    held: Iterable[FileRecord] = (),
+    removed: Iterable[bytes] = (),
+    used: Optional[int] = None,
+    quota: Optional[int] = None,
+    budget: int = PAGE_BUDGET,
+) -> ReportAnswer:
+    """
+    Report changes since the last report (at least one L{Report}, which
+    renews the lease); fires with the stale and orphaned paths answered.
+    """
+    pairs = zip_longest(
+        page_records(held, budget), page_paths(removed, budget), fillvalue=[]
+    )
+    sends = [(files, gone, "") for files, gone in pairs] or [([], [], "")]
+    return await _send_reports(proto, source, store, sends, used, quota)
+
+
+@_deferred
+async def list_all_needs(
+    proto: amp.AMP, source: str, store: str, limit: int = 10_000, page: int = 1_000
+) -> tuple[list[Need], bool]:
+    """
+    Follow L{ListNeeds} cursors until the end or C{limit} needs; fires with
+    C{(needs, safemode)}.
+    """
+    needs: list[Need] = []
+    cursor = None
+    safemode = False
+    while len(needs) < limit:
+        answer = await proto.callRemote(
+            ListNeeds,
+            source=source,
+            store=store,
+            cursor=cursor,
+            limit=min(page, limit - len(needs)),
+        )
+        needs.extend(answer["needs"])
+        safemode = answer["safemode"]
+        cursor = answer["cursor"]
+        if cursor is None:
+            break
+    return needs, safemode
+
+
+@_deferred
+async def list_surplus(
+    proto: amp.AMP, source: str, store: str, limit: int = 10_000, page: int = 1_000
+) -> list[Need]:
+    """
+    Follow L{ListSurplus} cursors (through short or empty pages) until the
+    end or C{limit} needs; fires with C{store}'s surplus copies of
+    C{source}, most copies first.
+    """
+    needs: list[Need] = []
+    cursor = None
+    while len(needs) < limit:
+        answer = await proto.callRemote(
+            ListSurplus,
+            source=source,
+            store=store,
+            cursor=cursor,
+            limit=min(page, limit - len(needs)),
+        )
+        needs.extend(answer["needs"])
+        cursor = answer["cursor"]
+        if cursor is None:
+            break
+    return needs
+
+
+@frozen
+class Grant:
+    """What a L{claim} got: the paths granted, where to fetch, for how long."""
+
+    granted: tuple[bytes, ...]
+    endpoint: RsyncEndpoint
+    ttl: int
+
+
+@_deferred
+async def claim(
+    proto: amp.AMP,
+    source: str,
+    store: str,
+    paths: Iterable[bytes],
+    budget: int = PAGE_BUDGET,
+) -> Grant:
+    """Claim C{paths} in pages; fires with a L{Grant} of everything granted."""
+    granted: list[bytes] = []
+    answer = None
+    for page in page_paths(paths, budget) or [[]]:
+        answer = await proto.callRemote(Claim, source=source, store=store, paths=page)
+        granted.extend(answer["granted"])
+    endpoint = RsyncEndpoint(
+        answer["rsync_host"],
+        answer["rsync_port"],
+        answer["rsync_module"],
+        answer["rsync_user"],
+        answer["rsync_password"],
+    )
+    return Grant(tuple(granted), endpoint, answer["ttl"])
+
+
+@_deferred
+async def release(
+    proto: amp.AMP,
+    source: str,
+    store: str,
+    paths: Iterable[bytes],
+    drop: bool = False,
+    budget: int = PAGE_BUDGET,
+) -> list[bytes]:
+    """Release (or, with C{drop}, ask to drop) C{paths} in pages; fires with
+    the paths granted for dropping (none for a plain release)."""
+    granted: list[bytes] = []
+    for page in page_paths(paths, budget):
+        answer = await proto.callRemote(
+            Release, source=source, store=store, paths=page, drop=drop
+        )
+        granted.extend(answer["granted"])
+    return granted
+
+
+def parse_statuses(text: str) -> tuple[list[SourceStatus], list[tuple[str, StoreStatus]]]:
+    """Turn a L{Status} page into source statuses and (source, store status)."""
+    sources, stores = [], []
+    for item in json.loads(text):
+        kind = item.pop("kind")
+        if kind == "source":
+            item["histogram"] = {int(k): v for k, v in item["histogram"].items()}
+            sources.append(SourceStatus(**item))
+        elif kind == "store":
+            source = item.pop("source")
+            stores.append((source, StoreStatus(**item)))
+    return sources, stores
+
+
+@_deferred
+async def status_all(
+    proto: amp.AMP,
+) -> tuple[list[SourceStatus], list[tuple[str, StoreStatus]]]:
+    """Follow L{Status} cursors to the end; fires as L{parse_statuses}."""
+    sources: list[SourceStatus] = []
+    stores: list[tuple[str, StoreStatus]] = []
+    cursor = None
+    while True:
+        answer = await proto.callRemote(Status, cursor=cursor)
+        more_sources, more_stores = parse_statuses(answer["statuses"])
+        sources.extend(more_sources)
+        stores.extend(more_stores)
+        cursor = answer["cursor"]
+        if cursor is None:
+            return sources, stores
