@@ -30,7 +30,7 @@ demo: $(STAMP) rsync
 	$(VENV)/bin/cbackup demo --dir demo
 
 test: $(STAMP) rsync
-	HYPOTHESIS_PROFILE=ci $(PY) -m twisted.trial tests
+	CBACKUP_SKIP_SLOW=1 HYPOTHESIS_PROFILE=ci $(PY) -m twisted.trial tests
 	HYPOTHESIS_PROFILE=ci $(PY) -m pytest
 
 test-fast: $(STAMP) rsync

@@ -26,3 +26,21 @@ settings.register_profile(
     print_blob=True,
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+def slow(cls):
+    """
+    Mark a TestCase class as slow (it starts real processes): a C{slow}
+    marker for pytest (C{make test-fast} deselects it), and a skip under
+    trial when C{CBACKUP_SKIP_SLOW} is set (C{make test} runs them once,
+    under pytest, not twice).
+    """
+    try:
+        import pytest
+    except ImportError:  # pragma: no cover - trial without pytest
+        pass
+    else:
+        cls = pytest.mark.slow(cls)
+    if os.environ.get("CBACKUP_SKIP_SLOW"):
+        cls.skip = "slow (real processes): CBACKUP_SKIP_SLOW is set"
+    return cls

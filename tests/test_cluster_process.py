@@ -12,19 +12,14 @@ import os
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
+from tests import slow
 from tests.cluster_harness import LocalCluster, sleep, source_files
 from tests.harness import wait_for
 
-try:
-    import pytest
-except ImportError:  # pragma: no cover
-    pytest = None
 
 MiB = 1 << 20
 
 
-def _slow(cls):
-    return pytest.mark.slow(cls) if pytest else cls
 
 
 def store(host, address, name, size):
@@ -36,7 +31,7 @@ def tree_bytes(path: str) -> int:
     return sum(size for kind, size, _ in source_files(os.fsencode(path)).values())
 
 
-@_slow
+@slow
 class ConvergenceTests(TestCase):
     timeout = 400
 

@@ -29,16 +29,12 @@ from cluster_backup.restore import (
     plan,
 )
 
-try:
-    import pytest
-except ImportError:  # pragma: no cover
-    pytest = None
+from tests import slow
+
 
 T0 = 1_600_000_000
 
 
-def _slow(cls):
-    return pytest.mark.slow(cls) if pytest else cls
 
 
 def e(path: bytes, size: int = 1, mtime: int = T0, kind: str = "file") -> Entry:
@@ -517,7 +513,7 @@ class CommandTests(SynchronousTestCase):
 # --- a real cluster, stopped before the restore ---------------------------------
 
 
-@_slow
+@slow
 class ClusterRestoreTests(TestCase):
     timeout = 300
 

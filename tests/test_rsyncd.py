@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from twisted.python.procutils import which
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from tests import slow
 from cluster_backup.rsyncd import (
     REFUSED_OPTIONS,
     RsyncDaemon,
@@ -511,7 +512,6 @@ class _RealDaemonMixin:
     file and a directory outside it, fetched from by the real rsync client.
     """
 
-    slow = True
     chroot: bool
     address = "127.0.0.2"
 
@@ -646,6 +646,7 @@ class _RealDaemonMixin:
         self.assertTrue(os.path.exists(os.path.join(self.source, "file")))
 
 
+@slow
 class ChrootDaemonTests(_RealDaemonMixin, TestCase):
     """The daemon as root: each connection is chrooted into its source."""
 
@@ -657,6 +658,7 @@ class ChrootDaemonTests(_RealDaemonMixin, TestCase):
         return super().setUp()
 
 
+@slow
 class NoChrootDaemonTests(_RealDaemonMixin, TestCase):
     """
     The unprivileged configuration (no chroot): rsync's own path sanitizing
@@ -666,7 +668,3 @@ class NoChrootDaemonTests(_RealDaemonMixin, TestCase):
 
     chroot = False
 
-
-if pytest is not None:
-    ChrootDaemonTests.pytestmark = [pytest.mark.slow]
-    NoChrootDaemonTests.pytestmark = [pytest.mark.slow]

@@ -14,12 +14,12 @@ import tempfile
 import threading
 import time
 
-import pytest
 from twisted.internet import reactor, task
 from twisted.internet.defer import CancelledError
 from twisted.python.threadable import isInIOThread
 from twisted.trial import unittest
 
+from tests import slow
 from cluster_backup import scanner
 from cluster_backup.records import FileRecord
 from cluster_backup.scanner import ScanError, ScanResult, scan, walk
@@ -401,7 +401,7 @@ class WalkTests(unittest.SynchronousTestCase):
         self.assertRaises(ValueError, walk, self.root, batch=0)
 
 
-@pytest.mark.slow
+@slow
 class BindMountTests(unittest.SynchronousTestCase):
     """
     L{walk} across real bind mounts, made in a private mount namespace by

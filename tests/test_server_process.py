@@ -16,20 +16,15 @@ from twisted.trial.unittest import TestCase
 
 from cluster_backup import protocol, session
 from cluster_backup.records import FileRecord
+from tests import slow
 from tests.harness import Twistd, free_port, wait_for
 
-try:
-    import pytest
-except ImportError:  # pragma: no cover - trial without pytest
-    pytest = None
 
 ADDRESS = "127.0.0.2"
 SECRET = "integration-secret-4d1f"
 OUTSIDE = b"outside-bytes-that-must-never-be-served\n"
 
 
-def _slow(cls):
-    return pytest.mark.slow(cls) if pytest else cls
 
 
 def _proc_cmdlines() -> list[str]:
@@ -44,7 +39,7 @@ def _proc_cmdlines() -> list[str]:
     return found
 
 
-@_slow
+@slow
 class ServerProcessTests(TestCase):
     timeout = 120
 

@@ -26,10 +26,8 @@ from cluster_backup.protocol import AuthFailed
 from cluster_backup.records import SourceStatus, StoreStatus
 from cluster_backup.status import Answer, build, exit_code, render_text, to_json
 
-try:
-    import pytest
-except ImportError:  # pragma: no cover
-    pytest = None
+from tests import slow
+
 
 SECRET = "do-not-print-this-secret"
 CONFIG = f"""\
@@ -360,8 +358,6 @@ class CommandTests(SynchronousTestCase):
 # --- real processes ---------------------------------------------------------
 
 
-def _slow(cls):
-    return pytest.mark.slow(cls) if pytest else cls
 
 
 def cbackup_status(config, *extra):
@@ -383,7 +379,7 @@ class BadConfigProcessTests(TestCase):
         self.assertIn(f"{path}:2: copies: must be at least 1".encode(), err)
 
 
-@_slow
+@slow
 class ClusterStatusTests(TestCase):
     """C{cbackup status} against a small real cluster on 127.0.0.21-25."""
 

@@ -16,6 +16,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from tests import slow
 from cluster_backup.records import FileRecord
 from cluster_backup.transfer import (
     build_argv,
@@ -378,6 +379,7 @@ NAMES = [
 ]
 
 
+@slow
 class RealRsyncTests(TestCase):
     """Real reactor, real rsync, local source."""
 
@@ -502,6 +504,3 @@ class RealRsyncTests(TestCase):
         self.assertLessEqual(set(os.listdir(self.partial)), {"big.bin"})
         self.assertEqual(sorted(os.listdir(self.state)), ["partial"])
 
-
-if pytest is not None:
-    RealRsyncTests.pytestmark = [pytest.mark.slow]
