@@ -40,6 +40,9 @@ def warnings(cluster: Cluster, source_bytes: Optional[Mapping[str, int]] = None)
                     "server never scans the store's folder")
     if source_bytes:
         out += _quota_warnings(cluster, source_bytes)
+    if cluster.options.transport == "ssh":
+        out.append("TRANSPORT ssh is not built yet: clients fetch through each "
+                   "server's rsync daemon (TRANSPORT daemon)")
     if cluster.options.secret is None and cluster.options.secret_file is None:
         out.append(
             "no SECRET or SECRET FILE: any machine that can reach PORT "

@@ -131,6 +131,10 @@ class WarningTests(SynchronousTestCase):
         self.assertEqual(len(found), 2, found)
         self.assertIn("2 copies need 2G but its backups have 2G", found[0])
 
+    def test_ssh_transport_not_built(self):
+        found = checks.warnings(loads("TRANSPORT: ssh\nSECRET: x\n" + SEED))
+        self.assertTrue(any("TRANSPORT ssh is not built yet" in w for w in found), found)
+
     def test_no_secret(self):
         self.assertTrue(any("no SECRET" in w for w in checks.warnings(loads(SEED))))
 
