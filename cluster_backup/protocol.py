@@ -212,14 +212,8 @@ def decode_paths(data: bytes) -> list[bytes]:
 
 def decode_records(data: bytes) -> list[FileRecord]:
     """Inverse of L{encode_records}; raises L{BadPath} or L{BadArgument}."""
-    try:
-        # FileRecord checks each path with relpath_problem itself.
-        return [
-            FileRecord(p, s, m) for s, m, p in _decode(data, _RECORD, "record", False)
-        ]
-    except ValueError:
-        _decode(data, _RECORD, "record")  # raises BadPath naming the problem
-        raise
+    # _decode has checked every path: no need for FileRecord to check again.
+    return [FileRecord.unchecked(p, s, m) for s, m, p in _decode(data, _RECORD, "record")]
 
 
 def decode_needs(data: bytes) -> list[Need]:
