@@ -18,7 +18,7 @@ from typing import Optional, Sequence, TextIO
 
 from cluster_backup import checks
 from cluster_backup.config import Cluster, ConfigError, load
-from cluster_backup.identity import identify
+from cluster_backup.identity import identify_or_none
 from cluster_backup.units import format_duration, human_size
 
 EXIT_OK = 0
@@ -127,17 +127,14 @@ def cmd_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         for problem in e.problems:
             print(problem, file=err)
         return EXIT_BAD_CONFIG
-    note = None
     try:
-        host = identify(cluster, args.host)
+        host = identify_or_none(cluster, args.host)
     except ConfigError as e:
-        if args.host is not None:
-            for problem in e.problems:
-                print(problem, file=err)
-            return EXIT_BAD_CONFIG
-        host, note = None, e.problems[0].split(": ", 1)[1]
-    if host is None and note is None:
-        note = "not in this config (no role here); use --host NAME to check a host's view"
+        for problem in e.problems:
+            print(problem, file=err)
+        return EXIT_BAD_CONFIG
+    note = None if host else ("not found in this config, or several of its hosts match; "
+                              "use --host NAME to check a host's view")
     info = describe(cluster, host, note)
     if args.json:
         json.dump(info, out, indent=2)

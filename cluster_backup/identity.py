@@ -92,3 +92,17 @@ def identify(
             f"{cluster.filename}: this machine matches several hosts "
             f"({', '.join(several)}); choose one with --host NAME"])
     return None
+
+
+def identify_or_none(cluster: Cluster, name: Optional[str] = None) -> Optional[str]:
+    """
+    L{identify} for commands that also work from a machine with no role:
+    a bad C{--host NAME} is still an error, but several matching hosts give
+    None instead of an error.
+    """
+    try:
+        return identify(cluster, name)
+    except ConfigError:
+        if name is not None:
+            raise
+        return None

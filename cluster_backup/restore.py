@@ -64,7 +64,7 @@ from attrs import frozen
 
 from cluster_backup import transfer
 from cluster_backup.config import Cluster, ConfigError, Source, Store, load, parse_location, read_secret
-from cluster_backup.identity import identify
+from cluster_backup.identity import identify_or_none
 from cluster_backup.records import FileRecord, relpath_problem
 from cluster_backup.units import human_size
 
@@ -746,12 +746,7 @@ def _restore(cluster: Cluster, args: argparse.Namespace, out: TextIO, err: TextI
     stores = _select_stores(cluster, args.store)
     if not stores:
         raise RestoreError(f"{cluster.filename} names no store to restore from")
-    try:
-        host = identify(cluster, args.host)
-    except ConfigError:
-        if args.host is not None:
-            raise
-        host = None
+    host = identify_or_none(cluster, args.host)
     if host is None and not args.local:
         print("restore: this machine is no host of the config: every store is read over "
               "ssh (use --host NAME, or --local if the stores' folders are here)", file=err)

@@ -44,7 +44,7 @@ from twisted.python.failure import Failure
 
 from cluster_backup import session
 from cluster_backup.config import Cluster, ConfigError, load, read_secret
-from cluster_backup.identity import identify
+from cluster_backup.identity import identify_or_none
 from cluster_backup.protocol import AuthFailed
 from cluster_backup.records import SourceStatus, StoreStatus
 from cluster_backup.units import human_size
@@ -557,18 +557,11 @@ def cmd_status(args: argparse.Namespace, out: TextIO, err: TextIO, reactor=None)
     try:
         cluster = load(args.config)
         secret = read_secret(cluster)
+        me = identify_or_none(cluster, args.host)  # several hosts match: anonymous
     except ConfigError as e:
         for problem in e.problems:
             print(problem, file=err)
         return EXIT_BAD_CONFIG
-    try:
-        me = identify(cluster, args.host)
-    except ConfigError as e:
-        if args.host is not None:
-            for problem in e.problems:
-                print(problem, file=err)
-            return EXIT_BAD_CONFIG
-        me = None  # several hosts match: ask anonymously
     if not cluster.sources:
         print(f"{cluster.filename}: no sources, so no servers to ask", file=err)
         return EXIT_PROBLEM
