@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-fast trial bench rsync venv clean
+.PHONY: demo test test-fast trial bench reliability rsync venv clean
 
 venv: $(STAMP)
 
@@ -41,6 +41,12 @@ trial: $(STAMP) rsync
 
 bench: $(STAMP) rsync
 	for b in benchmarks/bench_*.py; do $(PY) $$b --record || exit 1; done
+
+# The fault and abuse scenarios, recording their figures into docs/RELIABILITY.md.
+reliability: $(STAMP) rsync
+	CBACKUP_FIGURES_DIR=$(CURDIR)/docs/reliability $(PY) -m pytest -q \
+	  tests/test_faults_client.py tests/test_faults_server.py tests/test_abuse_*.py
+	$(PY) docs/reliability/render.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis _trial_temp* *.egg-info twisted/plugins/dropin.cache

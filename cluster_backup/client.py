@@ -27,6 +27,7 @@ from twisted.protocols import amp
 
 from cluster_backup import planner, session, transfer
 from cluster_backup.config import Cluster, Source, Store as StoreConfig
+from cluster_backup.protocol import UnknownPath
 from cluster_backup.records import ReportAnswer
 from cluster_backup.store import Store
 from cluster_backup.units import human_size
@@ -38,6 +39,23 @@ NEEDS_PER_ROUND = 2000
 FILES_PER_BATCH = 1000
 #: Pause between rounds while there is work (seconds).
 BUSY_PAUSE = 0.2
+
+
+async def release_claims(proto, source_id: str, store_id: str, paths: list) -> None:
+    """
+    Abandon claims on C{paths}.  The server refuses the whole list when one
+    path is gone from the source (deleted during its transfer): then
+    release them one by one, skipping those, so the others do not stay
+    claimed (and unfetched) until their claims expire.
+    """
+    try:
+        await session.release(proto, source_id, store_id, paths)
+    except UnknownPath:
+        for path in paths:
+            try:
+                await session.release(proto, source_id, store_id, [path])
+            except UnknownPath:
+                pass
 
 
 class _LinkProtocol(amp.AMP):
@@ -82,6 +100,8 @@ class ServerLink:
     async def _session(self, proto: amp.AMP) -> None:
         await session.login(proto, self.agent.host, self.agent.secret)
         for source in self.sources:
+            # A full inventory also ends this store's earlier claims (a
+            # killed client's included): see Ledger.inventory_started.
             await self.agent.send_inventory(proto, source)
         self.proto = proto
         log.info("{store}: connected to server {server}", store=self.agent.id,
@@ -127,6 +147,9 @@ class Agent(MultiService):
         lease.clock = reactor
         lease.setServiceParent(self)
         self.no_drop: dict[tuple[str, bytes], float] = {}
+        #: source id -> copies on disk whose check against the source could
+        #: not run (the server went away mid-batch): not reported until checked.
+        self.unverified: dict[str, set[bytes]] = {}
         self.warned_too_big: set[tuple[str, bytes]] = set()
         self._next: Optional[object] = None
         self._running: Optional[Deferred] = None
@@ -137,9 +160,14 @@ class Agent(MultiService):
 
     def startService(self) -> None:
         started = time.monotonic()
+        # A client killed with -9 leaves its rsyncs running: stop them
+        # before counting and cleaning what they write.
+        killed = transfer.kill_strays(self._rsync_marker())
+        if killed:
+            log.warn("{store}: killed {n} rsync processes left by a previous client",
+                     store=self.id, n=killed)
         self.store.inventory(self.sources)
         self.store.clean_partials()
-        self.store.measure_state()
         held = sum(len(f) for f in self.store.files.values())
         log.info("{store}: {files} files held, {used} of {quota} used "
                  "(inventory took {seconds:.1f}s)", store=self.id, files=held,
@@ -246,8 +274,16 @@ class Agent(MultiService):
             proto = self._proto(source)
             if proto is None:
                 continue
-            needs, safemode = await session.list_all_needs(
-                proto, source.id, self.id, limit=NEEDS_PER_ROUND)
+            try:
+                needs, safemode = await session.list_all_needs(
+                    proto, source.id, self.id, limit=NEEDS_PER_ROUND)
+                if not safemode:
+                    needs = await self._already_held(proto, source, needs)
+            except Exception as e:
+                # One bad server (or a lost connection) must not starve the others.
+                log.warn("{store}: asking {source} for needs failed: {why}",
+                         store=self.id, source=source.id, why=str(e) or repr(e))
+                continue
             if not safemode:
                 offered.append((source.id, needs))
         held: list[planner.Held] = []
@@ -300,6 +336,47 @@ class Agent(MultiService):
                 fetched += await self.fetch_batch(self.by_id[sid], needs[i:i + FILES_PER_BATCH])
         return bool(fetched or plan.drops or plan.delete_orphans)
 
+    async def _already_held(self, proto, source: Source, needs: list) -> list:
+        """
+        Needs this store already meets on disk (same size and mtime: a report
+        lost with a connection, or a server that restarted) are reported as
+        held instead of being fetched again; returns the others.
+        """
+        held = self.store.files.get(source.id, {})
+        have = [held[n.path] for n in needs
+                if n.path in held and (held[n.path].size, held[n.path].mtime) == (n.size, n.mtime)]
+        if not have:
+            return needs
+        doubtful = self.unverified.get(source.id, set())
+        if doubtful & {r.path for r in have}:
+            have = await self._check_held(proto, source, have, doubtful)
+        answer = await session.report_delta(proto, source.id, self.id, held=have, **self.usage())
+        self.handle_answer(source, answer)
+        log.info("{store}: {n} files of {source} were already here; reported, not fetched",
+                 store=self.id, n=len(have), source=source.id)
+        done = {r.path for r in have}
+        return [n for n in needs if n.path not in done]
+
+    async def _check_held(self, proto, source: Source, have: list, doubtful: set) -> list:
+        """
+        Of C{have}, the copies that may be reported: those not in
+        C{doubtful}, and the doubtful ones that a claim and a check against
+        the source now vouch for (a changed one is removed).  Doubtful ones
+        that cannot be checked yet are left out, to be tried next round.
+        """
+        sure = [r for r in have if r.path not in doubtful]
+        unsure = [r for r in have if r.path in doubtful]
+        grant = await session.claim(proto, source.id, self.id, [r.path for r in unsure])
+        granted = set(grant.granted)
+        if not granted:
+            return sure
+        try:
+            kept, _ = await self._keep_unchanged(
+                source, grant, [r for r in unsure if r.path in granted], {})
+        finally:
+            await release_claims(proto, source.id, self.id, sorted(granted))
+        return sure + kept
+
     def _cost(self, sid: str, path: bytes, size: int) -> int:
         source = self.by_id[sid]
         return self.store.cost(source.host, source.path, path, size)
@@ -349,6 +426,8 @@ class Agent(MultiService):
         keys = {(source.id, n.path) for n in batch}
         self.busy |= keys
         paths = [n.path for n in batch]
+        held = self.store.files.get(source.id, {})
+        before = {p: held[p] for p in paths if p in held}
         renew = LoopingCall(self._renew_claim, proto, source, paths)
         renew.clock = self.reactor
         renew.start(max(1.0, grant.ttl / 3), now=False)
@@ -364,13 +443,24 @@ class Agent(MultiService):
             if record is not None:
                 arrived.append(record)
         self.store.measure_state()
+        if transfer.out_of_space(result.errors):
+            quota = self.store.out_of_space()
+            log.warn("{store}: filesystem is full (rsync: No space left on device); partial "
+                     "files removed, effective quota now {quota} ({used} used)",
+                     store=self.id, quota=human_size(quota),
+                     used=human_size(max(0, self.store.used)))
+        arrived, discarded = await self._keep_unchanged(source, grant, arrived, before)
         arrived_paths = {r.path for r in arrived}
         missing = [p for p in paths if p not in arrived_paths]
-        answer = await session.report_delta(proto, source.id, self.id, held=arrived,
-                                            **self.usage())
-        self.handle_answer(source, answer)
-        if missing:
-            await session.release(proto, source.id, self.id, missing)
+        # The connection may have been replaced during a long transfer: report
+        # on the live one (a new session's inventory did not include these).
+        live = self._proto(source)
+        if live is not None:
+            answer = await session.report_delta(live, source.id, self.id, held=arrived,
+                                                removed=discarded, **self.usage())
+            self.handle_answer(source, answer)
+            if missing:
+                await release_claims(live, source.id, self.id, missing)
         size = sum(r.size for r in arrived)
         seconds = max(result.seconds, 1e-6)
         log.info("{store}: fetched {files} files ({bytes} B) of {source} in {seconds:.1f}s "
@@ -381,22 +471,73 @@ class Agent(MultiService):
                  quota=human_size(self.store.quota or 0))
         return len(arrived)
 
-    async def _rsync(self, source: Source, grant, paths: list):
+    def _rsync_marker(self) -> str:
+        """The argv entry that marks this store's rsyncs (see L{transfer.kill_strays})."""
+        return "--partial-dir=" + os.fsdecode(self.store.partial_dir)
+
+    async def _rsync(self, source: Source, grant, paths: list, check: bool = False):
+        """
+        Fetch C{paths} (or with C{check}, list those whose copy differs from
+        the source now, see L{transfer.changed_since}).  A run that cannot
+        even start (say, no room for its file list) is a failed result.
+        """
         dest = self.store.source_dir(source.host, source.path)
         if source.host == self.host:
             url, password = source.path, None
         else:
             e = grant.endpoint
             url, password = f"rsync://{e.user}@{e.host}:{e.port}/{e.module}/", e.password
-        d, self._cancel = transfer.fetch(
-            self.reactor, source_url=url, password=password, dest_dir=os.fsdecode(dest),
-            paths=paths, partial_dir=os.fsdecode(self.store.partial_dir),
-            state_dir=os.fsdecode(self.store.state_dir),
-            bwlimit=self.cluster.options.bwlimit)
+        run = transfer.changed_since if check else transfer.fetch
+        try:
+            d, self._cancel = run(
+                self.reactor, source_url=url, password=password, dest_dir=os.fsdecode(dest),
+                paths=paths, partial_dir=os.fsdecode(self.store.partial_dir),
+                temp_dir=os.fsdecode(self.store.temp_dir),
+                state_dir=os.fsdecode(self.store.state_dir),
+                bwlimit=None if check else self.cluster.options.bwlimit)
+        except OSError as e:
+            log.warn("{store}: rsync for {source} did not start: {why}", store=self.id,
+                     source=source.id, why=str(e))
+            return transfer.TransferResult(None, "failed", (), (str(e),), 0.0, 0)
         try:
             return await d
         finally:
             self._cancel = None
+
+    async def _keep_unchanged(self, source: Source, grant, arrived: list,
+                              before: dict) -> tuple[list, list]:
+        """
+        Of the copies this run wrote (new, or another size or mtime than
+        C{before} it), keep those the source still has at the same size and
+        mtime; remove the others (a source file rewritten while rsync read
+        it arrives with mixed bytes under its old mtime), so no such copy is
+        ever reported.  When the check itself fails nothing it wrote can be
+        vouched for, and all of that is removed.  Copies rsync left as they
+        were are kept as they were.  Returns the copies kept and the paths
+        removed.
+        """
+        written = [r for r in arrived if before.get(r.path) != r
+                   or r.path in self.unverified.get(source.id, ())]
+        if not written:
+            return arrived, []
+        result = await self._rsync(source, grant, [r.path for r in written], check=True)
+        if result.status not in ("ok", "partial"):
+            # The server went away mid-batch (e.g. restarted): keep the copies
+            # but do not vouch for them; the next round checks them again
+            # (L{_already_held}) rather than fetching them again.
+            self.unverified.setdefault(source.id, set()).update(r.path for r in written)
+            log.warn("{store}: could not check {n} arrived files of {source} against the "
+                     "source (rsync {status}); kept, not reported until checked",
+                     store=self.id, n=len(written), source=source.id, status=result.status)
+            return [r for r in arrived if r not in written], []
+        changed = set(result.transferred) & {r.path for r in written}
+        self.unverified.get(source.id, set()).difference_update(r.path for r in written)
+        for path in sorted(changed):
+            self.store.remove(source.host, source.path, path)
+            log.info("{store}: {path} of {source} changed at the source during its "
+                     "transfer; copy removed, not counted", store=self.id,
+                     path=os.fsdecode(path), source=source.id)
+        return [r for r in arrived if r.path not in changed], sorted(changed)
 
     def _renew_claim(self, proto, source: Source, paths: list):
         d = session.claim(proto, source.id, self.id, paths)

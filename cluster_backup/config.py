@@ -22,6 +22,11 @@ from cluster_backup.units import parse_duration, parse_size
 
 DEFAULT_PORT = 5005
 DAY = 86400.0
+#: Largest size a config may give: sizes travel as signed 64-bit numbers.
+MAX_SIZE = 2**63 - 1
+#: Longest duration a config may give (a hundred years); longer is a typo,
+#: and an infinite one breaks timers and every place that prints it.
+MAX_DURATION = 100 * 365 * DAY
 
 
 class ConfigError(Exception):
@@ -185,15 +190,29 @@ def _port(text: str) -> int:
     return value
 
 
-def _positive_size(text: str) -> int:
+def _size(text: str) -> int:
     value = parse_size(text)
+    if value > MAX_SIZE:
+        raise ValueError(f"size {text[:40]!r} is too large (at most 2**63 - 1 bytes)")
+    return value
+
+
+def _duration(text: str) -> float:
+    value = parse_duration(text)
+    if not value <= MAX_DURATION:  # also refuses inf and nan
+        raise ValueError(f"duration {text[:40]!r} is too long (at most 100 years)")
+    return value
+
+
+def _positive_size(text: str) -> int:
+    value = _size(text)
     if value <= 0:
         raise ValueError(f"size must be more than 0, got {text!r}")
     return value
 
 
 def _positive_duration(text: str) -> float:
-    value = parse_duration(text)
+    value = _duration(text)
     if value <= 0:
         raise ValueError(f"duration must be more than 0, got {text!r}")
     return value
@@ -244,12 +263,12 @@ SOURCE_KEYS: dict[str, tuple[str, Callable[[str], object], bool]] = {
     "copies": ("copies", _positive_int, False),
     "rescan": ("rescan", _positive_duration, False),
     "exclude": ("exclude", _nonempty, True),
-    "keep deleted": ("keep_deleted", parse_duration, False),
+    "keep deleted": ("keep_deleted", _duration, False),
     "address": ("address", _address, False),
 }
 STORE_KEYS: dict[str, tuple[str, Callable[[str], object], bool]] = {
     "size": ("size", _positive_size, False),
-    "reserve": ("reserve", parse_size, False),
+    "reserve": ("reserve", _size, False),
     "ignore source": ("ignore_sources", _nonempty, True),
     "address": ("address", _address, False),
 }
@@ -468,6 +487,8 @@ def load(path: str) -> Cluster:
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise ConfigError([f"{path}:{line}: not valid UTF-8 text"])
+    if text.startswith("\ufeff"):  # a byte order mark some editors write
+        text = text[1:]
     return loads(text, filename=path)
 
 

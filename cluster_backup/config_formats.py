@@ -199,6 +199,8 @@ def read_yaml(text: str) -> Document:
         line = mark.line + 1 if mark is not None else 1
         problem = getattr(e, "problem", None) or str(e)
         raise SyntaxProblems([(line, f"YAML syntax error: {problem}")])
+    except RecursionError:  # PyYAML's composer recurses once per nesting level
+        raise SyntaxProblems([(1, "YAML syntax error: nested too deeply")])
     doc = Document()
     problems: list[tuple[int, str]] = []
     if root is None:

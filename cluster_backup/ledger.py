@@ -117,6 +117,9 @@ class Ledger:
     @param copies: how many live copies on distinct hosts are wanted.
     @param clock: anything with C{seconds()}.
     @param stores: every store id backing up this source -> its host name.
+    @param heartbeat: when given, the owner promises a call (L{beat}) at
+        least this often while it runs; a longer gap is time it could not
+        hear anyone and does not count against leases, claims or safemode.
     """
 
     def __init__(
@@ -129,6 +132,7 @@ class Ledger:
         report_interval: float = 60.0,
         dead_after: float = 3600.0,
         claim_ttl: float = 300.0,
+        heartbeat: Optional[float] = None,
     ) -> None:
         if not isinstance(copies, int) or copies < 1:
             raise ValueError(f"copies must be a positive integer, not {copies!r}")
@@ -140,6 +144,13 @@ class Ledger:
         self._claim_ttl = claim_ttl
         self._created = clock.seconds()
         self._safe = True
+        if heartbeat is not None and not heartbeat > 0:
+            raise ValueError(f"heartbeat must be positive seconds, not {heartbeat!r}")
+        self._heartbeat = heartbeat
+        self._awake: Optional[float] = None  # when we last ran (heartbeat only)
+        #: Seconds this ledger did not count against leases, claims and
+        #: safemode because its owner was not running (see L{beat}).
+        self.deaf_seconds = 0.0
 
         # Stores, by index.
         self._store_ids = list(stores)
@@ -171,6 +182,8 @@ class Ledger:
         self._inventory: list[Optional[_Inventory]] = [None] * n
         self._inventoried: set[int] = set()
         self._claim_count = [0] * n
+        #: store id -> how many times it was declared dead.
+        self.deaths: dict[str, int] = dict.fromkeys(self._store_ids, 0)
 
         # Files, by id.
         self._ids: dict[bytes, int] = {}
@@ -197,9 +210,37 @@ class Ledger:
 
     # -- time ---------------------------------------------------------------
 
+    def beat(self) -> None:
+        """
+        The owner is running.  With a C{heartbeat}, the owner calls this at
+        least every C{heartbeat} seconds (any other call counts as well); a
+        longer gap between calls means the owner could hear no one (process
+        stopped or suspended, reactor blocked), so that time is not counted
+        as anyone's silence: leases, claims and the safemode timer are
+        moved on by it.  Otherwise a server stopped for longer than
+        C{dead_after} would, on waking, find every store dead at once.
+        """
+        self._tick()
+
+    def _deaf(self, seconds: float) -> None:
+        """Move every lease, claim and the safemode start on by C{seconds}."""
+        self.deaf_seconds += seconds
+        self._created += seconds
+        self._last = [None if last is None else last + seconds for last in self._last]
+        if self._claim_heap:
+            for claimers in self._claims.values():
+                for s in claimers:
+                    claimers[s] += seconds
+            self._claim_heap = [(d + seconds, i, s) for d, i, s in self._claim_heap]
+
     def _tick(self) -> float:
         """Apply whatever the clock made true since the last call."""
         now = self._clock.seconds()
+        if self._heartbeat is not None:
+            awake = self._awake
+            if awake is not None and now - awake > 2 * self._heartbeat:
+                self._deaf(now - awake - self._heartbeat)
+            self._awake = now
         heap = self._claim_heap
         while heap and heap[0][0] <= now:
             deadline, i, s = heappop(heap)
@@ -210,6 +251,7 @@ class Ledger:
             bit = 1 << s
             if last is not None and self._live & bit and now - last >= self._dead_after:
                 self._live &= ~bit
+                self.deaths[self._store_ids[s]] += 1
                 self._recount_store(bit)
         if self._safe and (
             now - self._created >= 5 * self._report_interval
@@ -531,10 +573,17 @@ class Ledger:
         """
         A full inventory of C{store} begins: holdings it does not report
         before L{inventory_finished} are forgotten.  Renews its lease.
+
+        A full inventory starts a new session of that store (its client
+        restarted or reconnected), so its earlier claims are dropped: the
+        transfers behind them are gone, and leaving them would hide those
+        files from every store until the claims expire.
         """
         s = self._store(store)
         now = self._tick()
         self._renew(s, now)
+        for i in [i for i, claimers in self._claims.items() if s in claimers]:
+            self._unclaim(i, s, self._claims[i])
         self._inventory[s] = _Inventory(len(self._paths))
 
     def report(

@@ -65,8 +65,20 @@ INVENTORY_MARKS = ("", "start", "end", "start+end")
 # ---------------------------------------------------------------- errors
 
 
+#: Most characters of an error message sent to a peer.  Messages quote the
+#: peer's own arguments, and an answer value over AMP's limit cannot be sent
+#: at all (the connection drops with a traceback instead of the refusal).
+MAX_ERROR_MESSAGE = 2000
+
+
 class ProtocolError(Exception):
     """Base of the errors a peer is told about; the message crosses the wire."""
+
+    def __init__(self, message: object = "") -> None:
+        text = str(message)
+        if len(text) > MAX_ERROR_MESSAGE:
+            text = text[:MAX_ERROR_MESSAGE] + "..."
+        super().__init__(text)
 
 
 class NotAuthenticated(ProtocolError):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hmac
 import json
 import os
-from collections import deque
+from collections import Counter, deque
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from attrs import asdict
@@ -63,6 +63,10 @@ from .protocol import (
 from .records import FileRecord, LedgerAPI, Need
 
 log = Logger()
+
+#: Most keys one box may hold (our largest command has nine), so a peer
+#: cannot grow one box without end.
+MAX_BOX_KEYS = 32
 
 #: A ledger's C{needs} or C{surplus}: (store, cursor, limit) -> (page, cursor).
 NeedListing = Callable[[str, Optional[bytes], int], tuple[list[Need], Optional[bytes]]]
@@ -148,6 +152,7 @@ class ServerProtocol(amp.AMP):
         super().connectionMade()
         self.peer = _peer_name(self.transport)
         log.info("connection from {peer}", peer=self.peer)
+        self._count("connections")
         self._auth_timer = self.clock.callLater(AUTH_TIMEOUT, self._auth_timed_out)
 
     def connectionLost(self, reason: Failure) -> None:
@@ -156,6 +161,11 @@ class ServerProtocol(amp.AMP):
             "connection from {peer} ({host}) closed", peer=self.peer, host=self.client_host
         )
         super().connectionLost(reason)
+
+    def _count(self, what: str) -> None:
+        traffic = getattr(getattr(self, "factory", None), "traffic", None)
+        if traffic is not None:
+            traffic[what] += 1
 
     def _auth_timed_out(self) -> None:
         self._auth_timer = None
@@ -172,6 +182,39 @@ class ServerProtocol(amp.AMP):
         if self._hang_up_after_send:
             self.transport.loseConnection()
 
+    def _hang_up(self, why: str) -> None:
+        """Handle nothing more this peer sent, and close the connection."""
+        log.warn("{peer}: {why}; hanging up", peer=self.peer, why=why)
+        self.pauseProducing()  # ends the parsing of what is already buffered
+        self.transport.loseConnection()
+
+    def proto_key(self, string: bytes) -> str:
+        """Bound a box's size: no command of ours has more than a few keys."""
+        if string and self._currentBox is not None and len(self._currentBox) >= MAX_BOX_KEYS:
+            self._hang_up(f"sent a box of more than {MAX_BOX_KEYS} keys")
+            return "key"
+        return super().proto_key(string)
+
+    def ampBoxReceived(self, box) -> None:
+        """
+        The server never asks anything, so an answer, an error or a box
+        that is not a command is a broken peer: hang up (AMP's default
+        raises, and logs a traceback, on an answer to nothing).
+        """
+        if amp.COMMAND not in box or amp.ANSWER in box or amp.ERROR in box:
+            self._hang_up("sent a box that is not a command")
+            return
+        super().ampBoxReceived(box)
+
+    def unhandledError(self, failure: Failure) -> None:
+        """A refused command sent without C{_ask} has no one to tell: log it."""
+        if failure.check(amp.RemoteAmpError, ProtocolError):
+            log.warn("{peer}: refused a command sent without _ask: {why}",
+                     peer=self.peer,
+                     why=getattr(failure.value, "description", None) or str(failure.value))
+            return
+        super().unhandledError(failure)
+
     # -- dispatch
 
     def locateResponder(self, name: bytes):
@@ -183,6 +226,7 @@ class ServerProtocol(amp.AMP):
         command = COMMANDS.get(name)
         if command is None:
             return None
+        self._count(name.decode("ascii", "replace"))
         if self.client_host is None and name not in OPEN_COMMANDS:
             return lambda box: fail(
                 _remote(command, NotAuthenticated("authenticate first (Hello)"))
@@ -191,7 +235,13 @@ class ServerProtocol(amp.AMP):
 
         def guarded(box):
             try:
-                return responder(box)  # raises here only while decoding
+                try:
+                    return responder(box)  # raises here only while decoding
+                except (KeyError, ValueError, TypeError, OverflowError) as e:
+                    # amp's own argument types: a missing argument, a bad
+                    # Integer, Boolean or UTF-8 Unicode.
+                    raise BadArgument(f"malformed arguments: {type(e).__name__}: "
+                                      f"{str(e)[:200]}") from None
             except ProtocolError as e:
                 log.warn(
                     "{peer}: refused {command}: {error}",
@@ -218,6 +268,8 @@ class ServerProtocol(amp.AMP):
             )
         if not client_host or len(client_host) > 255:
             raise BadArgument("client_host must be 1 to 255 characters")
+        if any(c < " " or c == "\x7f" for c in client_host):
+            raise BadArgument("client_host must not hold control characters")
         self.client_host = None
         self._server_nonce = None
         if self._auth_timer is None:  # a Hello restarts authentication
@@ -297,8 +349,8 @@ class ServerProtocol(amp.AMP):
         ledger = self._ledger_for(source, store)
         if inventory not in INVENTORY_MARKS:
             raise BadArgument(f"inventory must be one of {INVENTORY_MARKS}")
-        if (used is not None and used < 0) or (quota is not None and quota < 0):
-            raise BadArgument("used and quota must not be negative")
+        if any(n is not None and not 0 <= n < 2**63 for n in (used, quota)):
+            raise BadArgument("used and quota must be 0 to 2**63 - 1")
         answers = []
         with _ledger_errors():
             if inventory.startswith("start"):
@@ -495,6 +547,8 @@ class ServerFactory(Factory):
         self.clock = clock
         self.serves = serves
         self.claim_ttl = claim_ttl
+        #: connections and commands (by name) handled since last cleared.
+        self.traffic: Counter[str] = Counter()
 
     def buildProtocol(self, addr) -> ServerProtocol:
         p = ServerProtocol(

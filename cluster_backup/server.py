@@ -11,6 +11,7 @@ tests can build and inspect it.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from typing import Optional
 
@@ -28,8 +29,10 @@ from cluster_backup.scanner import ScanError, scan
 
 log = Logger()
 
-#: How often the server looks at its ledgers to log safemode changes.
+#: How often the server looks at its ledgers to log safemode and store changes.
 WATCH_INTERVAL = 5.0
+#: How often the server tells its ledgers it is running (L{Ledger.beat}).
+HEARTBEAT = 1.0
 
 
 class SourceScanner(Service):
@@ -136,19 +139,113 @@ class Listener(Service):
             return port.stopListening()
 
 
+def _daemon_pid(state_dir: str) -> Optional[int]:
+    """
+    The pid of an rsync daemon still serving with C{state_dir}'s config: one
+    a server killed without its cleanup (KILL, OOM) left behind, holding the
+    rsync port.  Found by its pid file, checked against its command line.
+    """
+    config = os.path.join(state_dir, "rsyncd.conf")
+    try:
+        with open(os.path.join(state_dir, "rsyncd.pid")) as f:
+            pid = int(f.read().split()[0])
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, ValueError, IndexError):
+        return None
+    if state == b"Z" or b"--daemon" not in argv or b"--config=" + os.fsencode(config) not in argv:
+        return None
+    return pid
+
+
+def reap_stale_daemon(state_dir: str, grace: float = 5.0) -> Optional[int]:
+    """
+    End the rsync daemon a previous server left running in C{state_dir}, if
+    any (TERM, then KILL after C{grace} seconds); returns its pid.  Blocks
+    for at most C{grace} seconds, once, at start.  Its transfers in flight
+    run on in their own processes and finish.
+    """
+    pid = _daemon_pid(state_dir)
+    if pid is None:
+        return None
+    log.warn("an rsync daemon (pid {pid}) left by a previous server holds the rsync "
+             "port; stopping it", pid=pid)
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return pid
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if _daemon_pid(state_dir) != pid:
+                return pid
+            time.sleep(0.05)
+    log.error("the rsync daemon left by a previous server (pid {pid}) did not stop",
+              pid=pid)
+    return pid
+
+
+class StaleDaemonReaper(Service):
+    """Runs L{reap_stale_daemon} at start, before the rsync daemon is spawned."""
+
+    def __init__(self, state_dir: str):
+        self.state_dir = state_dir
+        self.setName("stale rsync daemon reaper")
+
+    def startService(self) -> None:
+        Service.startService(self)
+        try:
+            reap_stale_daemon(self.state_dir)
+        except Exception:
+            log.failure("looking for a stale rsync daemon")
+
+
+class Heartbeat(TimerService):
+    """
+    Tells every ledger the server runs, every L{HEARTBEAT} seconds, so that
+    time the process was stopped or blocked is not taken for the stores'
+    silence (L{Ledger.beat}).
+    """
+
+    def __init__(self, ledgers: dict[str, Ledger], reactor):
+        super().__init__(HEARTBEAT, self.beat)
+        self.clock = reactor
+        self.ledgers = ledgers
+        self.deaf = {source: 0.0 for source in ledgers}
+
+    def beat(self) -> None:
+        for source, ledger in self.ledgers.items():
+            try:
+                ledger.beat()
+                deaf = ledger.deaf_seconds
+            except Exception:
+                log.failure("heartbeat of {source}", source=source)
+                continue
+            if deaf > self.deaf[source]:
+                log.warn("{source}: the server was not running for {seconds:.1f}s; "
+                         "leases and claims extended by that", source=source,
+                         seconds=deaf - self.deaf[source])
+                self.deaf[source] = deaf
+
+
 class SafemodeWatch(TimerService):
-    """Logs when a ledger leaves (or enters) safemode."""
+    """Logs when a ledger leaves (or enters) safemode, and stores dying."""
 
     def __init__(self, ledgers: dict[str, Ledger], reactor):
         super().__init__(WATCH_INTERVAL, self.check)
         self.clock = reactor
         self.ledgers = ledgers
         self.last = {source: None for source in ledgers}
+        self.deaths = {source: dict(ledger.deaths) for source, ledger in ledgers.items()}
+        self.dead: dict[str, set[str]] = {source: set() for source in ledgers}
 
     def check(self) -> None:
         for source, ledger in self.ledgers.items():
             try:
                 now = ledger.safemode
+                self._stores(source, ledger)
             except Exception:
                 log.failure("safemode check of {source}", source=source)
                 continue
@@ -156,6 +253,43 @@ class SafemodeWatch(TimerService):
                 log.info("{source}: safemode {state}", source=source,
                          state="on (waiting for stores to report)" if now else "off")
                 self.last[source] = now
+
+    def _stores(self, source: str, ledger: Ledger) -> None:
+        dead = set()
+        for st in ledger.store_status():
+            if st.state == "dead":
+                dead.add(st.store)
+            if ledger.deaths[st.store] > self.deaths[source].get(st.store, 0):
+                log.warn("{source}: store {store} is dead (silent {age:.0f}s); its copies "
+                         "no longer count", source=source, store=st.store,
+                         age=st.last_report_age or 0)
+            elif st.store in self.dead[source] and st.state != "dead":
+                log.info("{source}: store {store} is back", source=source, store=st.store)
+        self.deaths[source] = dict(ledger.deaths)
+        self.dead[source] = dead
+
+
+class TrafficLog(TimerService):
+    """Logs how many connections and commands the server handled, now and then."""
+
+    def __init__(self, factory: ServerFactory, interval: float, reactor):
+        super().__init__(interval, self.tell)
+        self.clock = reactor
+        self.factory = factory
+        self.since: Optional[float] = None
+
+    def tell(self) -> None:
+        now = self.clock.seconds()
+        since, self.since = self.since, now
+        counts = self.factory.traffic.copy()
+        self.factory.traffic.clear()
+        if since is None or not counts:
+            return
+        log.info("traffic in {seconds:.1f}s: {connections} connections, {reports} reports, "
+                 "{needs} needs lists, {claims} claims, {releases} releases",
+                 seconds=now - since, connections=counts.get("connections", 0),
+                 reports=counts.get("report", 0), needs=counts.get("list-needs", 0),
+                 claims=counts.get("claim", 0), releases=counts.get("release", 0))
 
 
 def _listen_endpoint(reactor, address: Optional[str], port: int):
@@ -185,12 +319,14 @@ def build(cluster: Cluster, host: str, state_dir: str, reactor) -> MultiService:
         stores = {store.id: store.host for store in cluster.stores_for(source)}
         ledgers[source.id] = Ledger(
             source.id, source.copies, reactor, stores,
-            report_interval=options.report_interval, dead_after=options.dead_after)
+            report_interval=options.report_interval, dead_after=options.dead_after,
+            heartbeat=HEARTBEAT)
         # Stores of this host inside the source are never scanned as data.
         skip = [store.path for store in cluster.stores_on(host)]
         SourceScanner(source, ledgers[source.id],
                       source.rescan or options.rescan, skip, reactor).setServiceParent(top)
     bind = _bind_address(cluster, host)
+    StaleDaemonReaper(os.path.join(state_dir, "rsyncd")).setServiceParent(top)
     daemon = RsyncDaemon(
         reactor, os.path.join(state_dir, "rsyncd"), bind or "0.0.0.0",
         options.rsync_port, [s.path for s in sources], host, secret=secret)
@@ -210,7 +346,10 @@ def build(cluster: Cluster, host: str, state_dir: str, reactor) -> MultiService:
     listener = Listener(_listen_endpoint(reactor, bind, options.port), factory, reactor,
                         f"{bind or '*'}:{options.port}")
     listener.setServiceParent(top)
+    Heartbeat(ledgers, reactor).setServiceParent(top)
     SafemodeWatch(ledgers, reactor).setServiceParent(top)
+    TrafficLog(factory, min(60.0, max(WATCH_INTERVAL, options.report_interval)),
+               reactor).setServiceParent(top)
     top.ledgers = ledgers
     top.factory = factory
     top.daemon = daemon

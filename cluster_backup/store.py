@@ -5,7 +5,9 @@ and orphans (DESIGN.md rules 1, 6 and 7).
 Layout (rule 6): file C{RELPATH} of source C{shost:/spath} lives at
 C{<store>/<shost>/<spath without its leading />/<RELPATH>}, so a plain
 C{cp -a} of those folders is a restore.  The store's own state lives in
-C{<store>/.cbackup/}: C{partial/} (rsync's C{--partial-dir}), C{orphans}
+C{<store>/.cbackup/}: C{partial/} (rsync's C{--partial-dir}), C{tmp/}
+(rsync's C{--temp-dir}: a file being received never shows in the layout, so
+a killed rsync leaves nothing there that could pass for a copy), C{orphans}
 (when each orphan was first seen, so a restart does not reset the clock) and
 short-lived temp files.  Host names cannot start with a dot (config's
 C{_HOST}), so no source can ever map onto C{.cbackup}.
@@ -44,6 +46,9 @@ log = Logger()
 
 STATE = b".cbackup"
 PARTIAL = b"partial"
+TMP = b"tmp"
+#: rsync's C{--files-from} lists (L{transfer.RsyncTransfer}) in the state dir.
+LIST_PREFIX = b"files-from-"
 ORPHANS = b"orphans"
 PROBE = b"probe"
 
@@ -196,10 +201,11 @@ class Store:
         self.dir_costs = dir_costs
         self.state_dir = os.path.join(self.root, STATE)
         self.partial_dir = os.path.join(self.state_dir, PARTIAL)
+        self.temp_dir = os.path.join(self.state_dir, TMP)
         self._orphans_file = os.path.join(self.state_dir, ORPHANS)
         if not os.path.isdir(self.root):
             os.mkdir(self.root)  # its parent must exist: no mkdir -p of a typo
-        for d in (self.state_dir, self.partial_dir):
+        for d in (self.state_dir, self.partial_dir, self.temp_dir):
             st = _lstat(d)
             if st is None:
                 os.mkdir(d, 0o700)
@@ -212,6 +218,11 @@ class Store:
         self.unknown_bytes = 0
         self.unknown_sample: list[bytes] = []
         self.quota: Optional[int] = size
+        #: Bytes of the filesystem kept free when it, not the configured
+        #: quota, is the limit (L{refresh_quota}); grows at each L{out_of_space}.
+        self.fs_margin: Optional[int] = None
+        #: True while the filesystem's free space is what limits the quota.
+        self.fs_limited = False
         self.orphans_persisted = True
         self._sources: list = []
         self._dirs: dict[bytes, int] = {}  # store-relative dir -> size, state dir excluded
@@ -384,14 +395,47 @@ class Store:
 
     def refresh_quota(self) -> int:
         """
-        Recompute the quota: C{size}, or in reserve mode current usage plus
-        the filesystem's free bytes beyond C{reserve} (never negative).
+        Recompute the (effective) quota: C{size}, or in reserve mode current
+        usage plus the filesystem's free bytes beyond C{reserve} (never
+        negative); in both cases at most current usage plus what the
+        filesystem has free beyond L{fs_margin}, so a store on a filesystem
+        smaller than its quota (or shared and filling up) plans only what
+        fits.  Block rounding makes files take more room than their apparent
+        size: the margin absorbs that, and grows at each L{out_of_space}.
         """
+        st = self._statvfs(self.root)
+        available = st.f_bavail * st.f_frsize
         if self.reserve is not None:
-            st = self._statvfs(self.root)
-            available = st.f_bavail * st.f_frsize
-            self.quota = max(0, self.used + available - self.reserve)
+            quota = max(0, self.used + available - self.reserve)
+        else:
+            quota = self.size
+        if self.fs_margin is None:
+            # In reserve mode the reserve is the margin until a first ENOSPC.
+            self.fs_margin = 0 if self.reserve is not None else 64 * max(st.f_frsize, 4096)
+        room = max(0, self.used + available - self.fs_margin)
+        limited = room < quota
+        if limited and not self.fs_limited:
+            log.warn("store {store}: its filesystem has less room than its quota; "
+                     "effective quota {quota} B", store=self.root, quota=room)
+        self.fs_limited = limited
+        self.quota = min(quota, room)
         return self.quota
+
+    def out_of_space(self) -> int:
+        """
+        The filesystem filled up (ENOSPC): remove partial and temp files,
+        double the free-space margin (at most a quarter of the filesystem)
+        and recompute the quota; returns the new quota.
+        """
+        self.clean_partials()
+        st = self._statvfs(self.root)
+        block = max(st.f_frsize, 4096)
+        whole = st.f_blocks * st.f_frsize
+        margin = max(self.fs_margin or 0, 64 * block)
+        cap = whole // 4 if whole else 2 * margin  # f_blocks 0: size unknown
+        self.fs_margin = max(margin, min(2 * margin, cap))
+        self.fs_limited = False  # warn again with the new figure
+        return self.refresh_quota()
 
     def measure_state(self) -> int:
         """Re-walk the (small) state directory; returns its usage."""
@@ -505,14 +549,24 @@ class Store:
         return before - self.used
 
     def clean_partials(self) -> None:
-        """Empty the partial dir (leftovers of interrupted transfers)."""
-        with os.scandir(self.partial_dir) as it:
-            entries = list(it)
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path)
-            else:
-                os.unlink(entry.path)
+        """
+        Empty the partial and temp dirs and remove C{--files-from} lists
+        (leftovers of interrupted transfers, or of a killed client).  Call
+        it only while no rsync runs for this store.
+        """
+        for folder in (self.partial_dir, self.temp_dir):
+            with os.scandir(folder) as it:
+                entries = list(it)
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
+        with os.scandir(self.state_dir) as it:
+            lists = [e.path for e in it if os.fsencode(e.name).startswith(LIST_PREFIX)
+                     and e.is_file(follow_symlinks=False)]
+        for path in lists:
+            os.unlink(path)
         self.measure_state()
 
     # --- orphans -----------------------------------------------------------

@@ -34,10 +34,13 @@ C{tests/test_transfer.py}:
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import signal
 import stat
 import tempfile
+import time
 from typing import Callable, Iterable, Optional
 
 from attrs import define, field, frozen
@@ -191,6 +194,24 @@ def failed_verification(stderr_lines: Iterable[bytes]) -> set[bytes]:
     return failed
 
 
+#: The C{--files-from} list of a run is C{<state_dir>/files-from-<random>.lst}
+#: (L{cluster_backup.store.Store.clean_partials} removes leftovers).
+LIST_PREFIX = "files-from-"
+
+
+#: What rsync prints when the destination's filesystem is full (errno 28).
+_NO_SPACE = ("No space left on device", "(28)")
+
+
+def out_of_space(errors: Iterable[str]) -> bool:
+    """
+    Whether rsync's stderr lines say the destination filesystem filled up
+    (C{write failed on ...: No space left on device (28)}, exit 11 or 23).
+    """
+    return any(_NO_SPACE[0] in line or line.rstrip().endswith(_NO_SPACE[1])
+               for line in errors)
+
+
 def build_argv(
     rsync: str,
     *,
@@ -202,10 +223,15 @@ def build_argv(
     timeout: int,
     local: bool,
     temp_dir: Optional[str] = None,
+    dry_run: bool = False,
 ) -> list[str]:
     """
     The argv of one batch fetch (no password: that travels in the
     environment as C{RSYNC_PASSWORD}).
+
+    With C{dry_run} nothing is written: rsync's quick check (size and
+    mtime, no C{--ignore-times}) lists the paths whose copy in C{dest_dir}
+    differs from the source I{now}; see L{changed_since}.
 
     C{source_url} is C{rsync://user@host:port/module/} (daemon) or, with
     C{local}, an absolute directory.  C{bwlimit} is in bytes per second
@@ -231,7 +257,9 @@ def build_argv(
         "--numeric-ids",  # keep uid/gid numbers: a restore is a plain copy
         "-8",  # unambiguous name escaping (see module docstring)
         "-s",  # --secluded-args: names never pass through a remote shell
-        "--ignore-times",  # never trust a same size+mtime leftover in dest
+        # never trust a same size+mtime leftover in dest (a dry run is
+        # exactly that quick check)
+        "--dry-run" if dry_run else "--ignore-times",
         "--mkpath",  # create <store>/<host>/<path> if missing
         "--from0",
         f"--files-from={files_from}",
@@ -338,6 +366,7 @@ class RsyncTransfer:
     kill_after: float = 10.0
     rsync: Optional[str] = None
     temp_dir: Optional[str] = None
+    dry_run: bool = False
     _deferred: Optional[Deferred] = field(init=False, default=None)
     _transport: object = field(init=False, default=None)
     _list_file: Optional[str] = field(init=False, default=None)
@@ -359,7 +388,7 @@ class RsyncTransfer:
         if self.temp_dir is not None:
             os.makedirs(self.temp_dir, mode=0o700, exist_ok=True)
         fd, self._list_file = tempfile.mkstemp(
-            prefix="files-from-", suffix=".lst", dir=self.state_dir
+            prefix=LIST_PREFIX, suffix=".lst", dir=self.state_dir
         )
         try:
             with os.fdopen(fd, "wb") as f:
@@ -374,6 +403,7 @@ class RsyncTransfer:
                 timeout=self.timeout,
                 local=local,
                 temp_dir=self.temp_dir,
+                dry_run=self.dry_run,
             )
             env = {"PATH": os.environ.get("PATH", os.defpath), "LANG": "C"}
             if self.password is not None:
@@ -461,10 +491,79 @@ def fetch(reactor, **kwargs) -> tuple[Deferred, Callable[[], None]]:
     L{Deferred} and its C{cancel}.  Keywords: C{source_url}, C{password},
     C{dest_dir}, C{paths} (relative bytes), C{partial_dir}, C{state_dir},
     C{bwlimit=None} (bytes/s), C{timeout=600}, C{kill_after=10.0},
-    C{rsync=None}, C{temp_dir=None}.
+    C{rsync=None}, C{temp_dir=None}, C{dry_run=False}.
     """
     transfer = RsyncTransfer(reactor, **kwargs)
     return transfer.start(), transfer.cancel
+
+
+def changed_since(reactor, **kwargs) -> tuple[Deferred, Callable[[], None]]:
+    """
+    After a fetch, which of its C{paths} no longer match the source: the
+    same run as L{fetch} (same keywords, no C{bwlimit} needed) as a dry run
+    without C{--ignore-times}, so rsync lists exactly the paths whose source
+    size or mtime differs from the copy now in C{dest_dir}
+    (C{TransferResult.transferred}).  A source file rewritten while rsync
+    read it arrives with mixed bytes and the I{old} mtime (module
+    docstring); once rsync is done reading, the source's mtime has moved
+    on, so this check catches it.  Paths gone from the source are not
+    listed (exit 23/24): their copies are whole old versions (orphans).
+    """
+    kwargs["dry_run"] = True
+    return fetch(reactor, **kwargs)
+
+
+def stray_processes(marker: str) -> list[int]:
+    """
+    Processes of this user whose argv holds C{marker} exactly (an agent
+    passes C{--partial-dir=<its store>}): rsyncs left running by a client
+    that was killed (C{kill -9} leaves its children running).  Linux
+    C{/proc}; elsewhere none are found.
+    """
+    wanted = os.fsencode(marker)
+    found = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return found
+    me, uid = os.getpid(), os.getuid()
+    for name in names:
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            if os.stat(f"/proc/{name}").st_uid != uid:
+                continue
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if wanted in argv:
+            found.append(int(name))
+    return found
+
+
+def kill_strays(marker: str, wait: float = 5.0) -> int:
+    """
+    SIGKILL every L{stray_processes}C{(marker)} and wait (blocking, at
+    most C{wait} seconds) until none is left; returns how many were killed.
+    Run before taking an inventory, so no stray rsync still writes into the
+    store while it is counted and cleaned.
+    """
+    pids = stray_processes(marker)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + wait
+    while pids and stray_processes(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return len(pids)
+
+
+def no_space_error(e: BaseException) -> bool:
+    """Whether C{e} is an C{OSError} for a full filesystem (ENOSPC, EDQUOT)."""
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _find_rsync() -> str:

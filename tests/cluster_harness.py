@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 from collections import defaultdict
-from typing import Optional
+from typing import Collection, Optional
 
 from twisted.internet import task
 from twisted.internet import reactor
@@ -148,12 +148,18 @@ class LocalCluster:
         return os.path.join(os.fsencode(store["path"]), os.fsencode(source["host"]),
                             os.fsencode(source["path"]).lstrip(b"/"), rel)
 
-    def holders(self, source: dict, rel: bytes, check_bytes: bool = False) -> dict[str, int]:
-        """store host -> how many of its stores hold a current copy of C{rel}."""
+    def holders(self, source: dict, rel: bytes, check_bytes: bool = False,
+                exclude_hosts: Collection[str] = ()) -> dict[str, int]:
+        """
+        store host -> how many of its stores hold a current copy of C{rel};
+        the stores of C{exclude_hosts} (say, hosts gone for good) are not read.
+        """
         src = os.path.join(os.fsencode(source["path"]), rel)
         want = os.lstat(src)
         found: dict[str, int] = defaultdict(int)
         for st in self.stores:
+            if st["host"] in exclude_hosts:
+                continue
             path = self.copy_path(st, source, rel)
             try:
                 got = os.lstat(path)
@@ -167,12 +173,16 @@ class LocalCluster:
             found[st["host"]] += 1
         return found
 
-    def under_replicated(self, check_bytes: bool = False) -> list[str]:
-        """Files of every source with fewer than C{copies} current copies on distinct hosts."""
+    def under_replicated(self, check_bytes: bool = False,
+                         exclude_hosts: Collection[str] = ()) -> list[str]:
+        """
+        Files of every source with fewer than C{copies} current copies on
+        distinct hosts, not counting the stores of C{exclude_hosts}.
+        """
         short = []
         for s in self.sources:
             for rel in source_files(os.fsencode(s["path"])):
-                hosts = self.holders(s, rel, check_bytes)
+                hosts = self.holders(s, rel, check_bytes, exclude_hosts)
                 if len(hosts) < s["copies"]:
                     short.append(f"{s['host']}:{os.fsdecode(rel)} has {len(hosts)}")
         return short

@@ -288,6 +288,106 @@ class LeaseTests(SynchronousTestCase):
         self.assertEqual(ledger.status().histogram, {1: [1, 10], 2: [1, 10]})
 
 
+class HeartbeatTests(SynchronousTestCase):
+    """
+    With a heartbeat, time the ledger's owner was not running (a gap of more
+    than two heartbeats between calls) is nobody's silence: it moves leases,
+    claims and the safemode timer on instead of killing every store.
+    """
+
+    BEAT = 1.0
+
+    def make(self, **kw):
+        clock = Clock()
+        ledger = Ledger(SOURCE, 1, clock, STORES, report_interval=INTERVAL,
+                        dead_after=DEAD, claim_ttl=TTL, heartbeat=self.BEAT, **kw)
+        scan(ledger, [b"f", b"g"])
+        return ledger, clock
+
+    def ready(self):
+        ledger, clock = self.make()
+        for store in STORES:
+            ledger.inventory_started(store)
+            ledger.inventory_finished(store)
+        ledger.report("b:/1", [rec(b"f")])
+        return ledger, clock
+
+    def beat_for(self, ledger, clock, seconds):
+        for _ in range(int(seconds / self.BEAT)):
+            clock.advance(self.BEAT)
+            ledger.beat()
+
+    def test_pause_longer_than_dead_after_kills_no_store(self):
+        ledger, clock = self.ready()
+        clock.advance(DEAD + 10)  # the process was stopped: no beat
+        self.assertEqual(ledger.status().histogram, {0: [1, 10], 1: [1, 10]})
+        self.assertEqual(ledger.deaths["b:/1"], 0)
+        self.assertAlmostEqual(ledger.deaf_seconds, DEAD + 10 - self.BEAT)
+        self.assertEqual({s.store: s.state for s in ledger.store_status()}["b:/1"], "live")
+        self.assertEqual(ledger.drop("b:/1", [b"f"]), [])  # still the only copy
+
+    def test_silence_while_running_still_kills(self):
+        ledger, clock = self.ready()
+        self.beat_for(ledger, clock, DEAD)
+        self.assertEqual(ledger.deaths["b:/1"], 1)
+        self.assertEqual(ledger.status().histogram, {0: [2, 20]})
+        self.assertEqual(ledger.deaf_seconds, 0.0)
+
+    def test_silence_before_and_after_a_pause_adds_up(self):
+        ledger, clock = self.ready()
+        self.beat_for(ledger, clock, DEAD / 2)
+        clock.advance(DEAD)  # stopped
+        ledger.beat()
+        self.assertEqual(ledger.deaths["b:/1"], 0)
+        self.beat_for(ledger, clock, DEAD / 2 - 2 * self.BEAT)
+        self.assertEqual(ledger.deaths["b:/1"], 0)
+        self.beat_for(ledger, clock, 2 * self.BEAT)
+        self.assertEqual(ledger.deaths["b:/1"], 1)
+
+    def test_two_beats_late_is_no_pause(self):
+        ledger, clock = self.ready()
+        clock.advance(2 * self.BEAT)
+        ledger.beat()
+        self.assertEqual(ledger.deaf_seconds, 0.0)
+        clock.advance(2 * self.BEAT + 0.5)
+        ledger.beat()
+        self.assertEqual(ledger.deaf_seconds, self.BEAT + 0.5)
+
+    def test_claims_outlive_a_pause(self):
+        ledger, clock = self.ready()
+        self.assertEqual(ledger.claim("c:/1", [b"g"]), [b"g"])
+        clock.advance(TTL + 5)  # stopped
+        self.assertEqual(ledger.store_status()[3].claims, 1)
+        self.assertEqual({n.path: n.copies for n in needs_all(ledger, "d:/1")},
+                         {b"f": 1, b"g": 1})  # g still counts its claim
+        self.beat_for(ledger, clock, 4)
+        self.assertEqual(ledger.store_status()[3].claims, 1)
+        self.beat_for(ledger, clock, TTL)
+        self.assertEqual(ledger.store_status()[3].claims, 0)
+        self.assertEqual({n.path: n.copies for n in needs_all(ledger, "d:/1")},
+                         {b"f": 1, b"g": 0})
+
+    def test_safemode_timer_waits_out_a_pause(self):
+        ledger, clock = self.make()
+        ledger.report("b:/1", [rec(b"f")])
+        clock.advance(5 * INTERVAL)  # stopped before anyone could report
+        self.assertTrue(ledger.safemode)
+        self.beat_for(ledger, clock, 5 * INTERVAL)
+        self.assertFalse(ledger.safemode)
+
+    def test_without_heartbeat_a_gap_is_silence(self):
+        ledger, clock = make(copies=1, files=[b"f"])
+        ledger.report("b:/1", [rec(b"f")])
+        clock.advance(DEAD)
+        ledger.beat()  # deaths, like all that time makes true, apply at a call
+        self.assertEqual(ledger.deaths["b:/1"], 1)
+        self.assertEqual(ledger.deaf_seconds, 0.0)
+
+    def test_bad_heartbeat(self):
+        for bad in (0, -1.0):
+            self.assertRaises(ValueError, Ledger, SOURCE, 1, Clock(), STORES, heartbeat=bad)
+
+
 class SafemodeTests(SynchronousTestCase):
     """After a start: no needs, claims or drops until stores re-reported."""
 
@@ -430,6 +530,17 @@ class InventoryTests(SynchronousTestCase):
         self.assertEqual(ledger.status().histogram, {0: [2, 20], 1: [1, 10]})
         self.assertRaises(UnknownPath, ledger.drop, "b:/1", [b"old"])
         self.assertEqual(ledger.drop("b:/1", [b"h"]), [])
+
+    def test_new_inventory_drops_the_stores_claims(self):
+        """A client that restarted must not be kept from files by its own dead claims."""
+        ledger, _ = make(copies=1, files=[b"f", b"g"])
+        self.assertEqual(ledger.claim("b:/1", [b"f"]), [b"f"])
+        self.assertEqual(ledger.claim("c:/1", [b"f"]), [])
+        ledger.inventory_started("b:/1")
+        ledger.inventory_finished("b:/1")
+        self.assertEqual({s.store: s.claims for s in ledger.store_status()}["b:/1"], 0)
+        self.assertIn(b"f", {n.path for n in needs_all(ledger, "b:/1")})
+        self.assertEqual(ledger.claim("c:/1", [b"f"]), [b"f"])
 
     def test_finish_needs_a_start(self):
         ledger, _ = make(files=[b"f"])
@@ -834,6 +945,8 @@ class ModelTests(SynchronousTestCase):
 
     def do_inventory(self, ledger, model, store):
         model.last[store] = model.now
+        for key in [k for k in model.claims if k[0] == store]:
+            del model.claims[key]  # a new session drops the store's claims
         ledger.inventory_started(store)
         ledger.report(store, [rec(p, *v) for p, v in sorted(model.truth[store].items())])
         ledger.inventory_finished(store)

@@ -454,3 +454,40 @@ class TmpfsTests(unittest.SynchronousTestCase):
         for i in range(19):
             self.store.remove(DATA.host, DATA.path, b"d/f%d" % i)
             self.assertEqual(self.store.used, du(self.store.root))
+
+
+class FilesystemLimitTests(unittest.SynchronousTestCase):
+    """A filesystem smaller than the quota, or filling up (ENOSPC)."""
+
+    def test_quota_follows_small_filesystem(self):
+        fake = FakeStatvfs(2**30)
+        store = Store(self.mktemp(), size=100 * 2**20, statvfs=fake,
+                      dir_costs=DirCosts(4096, 16384))
+        store.inventory([DATA])
+        self.assertEqual(store.quota, 100 * 2**20)
+        fake.available = 10 * 2**20
+        self.assertEqual(store.refresh_quota(), store.used + 10 * 2**20 - store.fs_margin)
+        self.assertTrue(store.fs_limited)
+        fake.available = 2**30
+        self.assertEqual(store.refresh_quota(), 100 * 2**20)
+        self.assertFalse(store.fs_limited)
+
+    def test_out_of_space_cleans_and_lowers(self):
+        fake = FakeStatvfs(10 * 2**20)
+        store = Store(self.mktemp(), size=100 * 2**20, statvfs=fake,
+                      dir_costs=DirCosts(4096, 16384))
+        store.inventory([DATA])
+        margin = store.fs_margin
+        write(store.partial_dir + b"/f", 5000)
+        write(store.temp_dir + b"/g.XyZ123", 7000)
+        write(store.state_dir + b"/files-from-abc.lst", 10)
+        store.measure_state()
+        with_leftovers = store.used
+        quota = store.out_of_space()
+        self.assertEqual(store.fs_margin, 2 * margin)
+        self.assertEqual(os.listdir(store.partial_dir), [])
+        self.assertEqual(os.listdir(store.temp_dir), [])
+        self.assertFalse(os.path.exists(store.state_dir + b"/files-from-abc.lst"))
+        self.assertEqual(store.used, with_leftovers - 12010)
+        self.assertEqual(store.used, store.usage())
+        self.assertEqual(quota, store.used + 10 * 2**20 - 2 * margin)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import stat
+import time
 
 from hypothesis import given, strategies as st
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
@@ -504,3 +505,40 @@ class RealRsyncTests(TestCase):
         self.assertLessEqual(set(os.listdir(self.partial)), {"big.bin"})
         self.assertEqual(sorted(os.listdir(self.state)), ["partial"])
 
+
+
+class FaultHelpersTests(SynchronousTestCase):
+    """Helpers the client uses against kill -9, ENOSPC and changing sources."""
+
+    def test_out_of_space(self):
+        from cluster_backup.transfer import out_of_space
+        self.assertTrue(out_of_space([
+            'rsync: [receiver] write failed on "a/b": No space left on device (28)',
+            "rsync error: error in file IO (code 11) at receiver.c(657) [receiver=3.5.0]"]))
+        vanished = 'rsync: link_stat "/x" failed: No such file or directory (2)'
+        self.assertFalse(out_of_space([vanished]))
+
+    def test_dry_run_argv(self):
+        argv = _argv(dry_run=True)
+        self.assertIn("--dry-run", argv)
+        self.assertNotIn("--ignore-times", argv)
+        self.assertNotIn("--dry-run", _argv())
+
+    def test_kill_strays(self):
+        import subprocess
+        import sys
+
+        from cluster_backup.transfer import kill_strays, stray_processes
+        marker = "--partial-dir=" + os.path.abspath(self.mktemp())
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                                  marker])
+        self.addCleanup(child.wait)
+        self.addCleanup(child.kill)
+        for _ in range(100):
+            if stray_processes(marker):
+                break
+            time.sleep(0.02)
+        self.assertEqual(stray_processes(marker), [child.pid])
+        self.assertEqual(stray_processes(marker + "x"), [])
+        self.assertEqual(kill_strays(marker), 1)
+        self.assertEqual(child.wait(5), -9)
