@@ -20,3 +20,21 @@ class BenchmarkSmokeTests(SynchronousTestCase):
         out = self.run_bench("bench_ledger.py", "--files", "2000", "--runs", "2")
         self.assertIn("| memory per file (tracemalloc) |", out)
         self.assertIn("ListNeeds page of 1,000 (AMP)", out)
+
+    def test_scan(self):
+        out = self.run_bench("bench_scan.py", "--files", "2000", "--runs", "1")
+        self.assertIn("| walk rate / find rate |", out)
+        self.assertIn("rescan (unchanged): longest gap between", out)
+
+    def test_convergence(self):
+        out = self.run_bench("bench_convergence.py", "--stores", "10", "--files", "2000")
+        # The simulation's own checks: every file at copies (by the stores'
+        # holdings and by the ledgers), no store ever over quota.
+        self.assertIn("| outcome | converged at", out)
+        self.assertIn("0 files below copies (ledgers: 0) | every file at copies (met) |", out)
+        self.assertIn("| store over quota | never", out)
+
+    def test_convergence_experiments(self):
+        out = self.run_bench("bench_convergence.py", "--stores", "10", "--files", "2000",
+                             "--experiment", "no-early-fill", "--experiment", "claim-needed")
+        self.assertIn("every file at copies (met) |", out)
