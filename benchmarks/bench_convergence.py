@@ -549,6 +549,7 @@ def experiment(fn):
 @experiment
 def no_early_fill():
     """
+    (Now the planner's own behaviour: this patch changes nothing since.)
     Proposed change to L{planner.plan}: while any offered need of any source
     is below its copies (and fits the whole quota), plan no need at or
     above its copies, i.e. greedy fill waits for a round that offers

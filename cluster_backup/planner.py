@@ -138,6 +138,11 @@ def plan(
     space the drops make is not taken by a less rare file.
     """
     result = Plan()
+    # Greedy fill waits while anything offered is still below its copies
+    # (and could fit at all): surplus taken now would only be swapped out
+    # again for the rarer files, and fetched again by the next store.
+    wait_fill = any(n.copies < n.wanted and cost(sid, n.path, n.size) <= quota
+                    for sid, offered in needs for n in offered)
     room = free
     expired_keys: set[Key] = set()
     young: list[Orphan] = []
@@ -160,6 +165,10 @@ def plan(
             if key in skip:
                 continue
             skip.add(key)  # a need listed twice is considered once
+            if wait_fill and need.copies >= need.wanted:
+                if cost(source, need.path, need.size) > quota:
+                    result.skipped_too_big.append(key)
+                continue
             candidates.append((rank(need.copies, need.wanted), index, order, source, need))
     candidates.sort(key=lambda c: c[:3])
 

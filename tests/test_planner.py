@@ -224,8 +224,14 @@ class ExampleTests(unittest.SynchronousTestCase):
             ("h2:/b", [need(b"b1", copies=0), need(b"b2", copies=2, wanted=4)]),
         ])
         self.assertEqual([(s, n.path) for s, n in p.fetch], [
-            ("h2:/b", b"b1"), ("h1:/a", b"a2"), ("h1:/a", b"a1"),
-            ("h2:/b", b"b2"), ("h1:/a", b"a3")])
+            ("h2:/b", b"b1"), ("h1:/a", b"a2"), ("h1:/a", b"a1"), ("h2:/b", b"b2")])
+
+    def test_greedy_fill_waits_for_needed_files(self):
+        """Surplus is fetched only in a round that offers nothing below its copies."""
+        needed = ("h1:/a", [need(b"a1", copies=1), need(b"s", copies=3, wanted=2)])
+        self.assertEqual([n.path for _, n in self.plan(needs=[needed]).fetch], [b"a1"])
+        surplus_only = ("h1:/a", [need(b"s", copies=3, wanted=2)])
+        self.assertEqual([n.path for _, n in self.plan(needs=[surplus_only]).fetch], [b"s"])
 
     def test_fills_free_space_only(self):
         p = self.plan(free=250, needs=[("h1:/a", [need(b"x", 100), need(b"y", 200), need(b"z", 150)])])
