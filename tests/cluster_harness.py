@@ -187,6 +187,22 @@ class LocalCluster:
                     short.append(f"{s['host']}:{os.fsdecode(rel)} has {len(hosts)}")
         return short
 
+    def converge(self, timeout: float = 240, exclude_hosts=()):
+        """
+        A Deferred that fires once every file is at its copies (on hosts not
+        in C{exclude_hosts}); fails with the files short and the logs.
+        """
+        from tests.harness import wait_for
+
+        def short_and_logs(failure):
+            failure.trap(AssertionError)
+            short = self.under_replicated(exclude_hosts=exclude_hosts)
+            raise AssertionError(f"{len(short)} files short, e.g. {short[:5]}\n{self.logs()}")
+
+        d = wait_for(lambda: not self.under_replicated(exclude_hosts=exclude_hosts),
+                     timeout=timeout, interval=1.0, what="every file at its copies")
+        return d.addErrback(short_and_logs)
+
     def double_copies(self) -> list[str]:
         """Files held twice on one host (rule 2)."""
         doubles = []

@@ -41,14 +41,8 @@ class ConvergenceTests(TestCase):
         self.cluster = cluster
         return cluster
 
-    @inlineCallbacks
     def converge(self, cluster: LocalCluster, timeout: float = 240):
-        try:
-            yield wait_for(lambda: not cluster.under_replicated(), timeout=timeout,
-                           interval=1.0, what="every file at its copies")
-        except AssertionError:
-            short = cluster.under_replicated()
-            raise AssertionError(f"{len(short)} files short, e.g. {short[:5]}\n{cluster.logs()}")
+        return cluster.converge(timeout)
 
     def check_ground_truth(self, cluster: LocalCluster):
         self.assertEqual(cluster.under_replicated(check_bytes=True), [])

@@ -125,14 +125,8 @@ class ServerFaultTests(TestCase):
         self.addCleanup(cluster.stop)
         return cluster
 
-    @inlineCallbacks
     def converge(self, cluster: LocalCluster, timeout: float = 90, exclude_hosts=()):
-        try:
-            yield wait_for(lambda: not cluster.under_replicated(exclude_hosts=exclude_hosts),
-                           timeout=timeout, interval=1.0, what="every file at its copies")
-        except AssertionError:
-            short = cluster.under_replicated(exclude_hosts=exclude_hosts)
-            raise AssertionError(f"{len(short)} files short, e.g. {short[:5]}\n{cluster.logs()}")
+        return cluster.converge(timeout, exclude_hosts)
 
     def check_ground_truth(self, cluster: LocalCluster, exclude_hosts=()) -> dict:
         files = sum(len(source_files(os.fsencode(s["path"]))) for s in cluster.sources)
