@@ -19,7 +19,6 @@ from typing import Optional
 from twisted.application.internet import ClientService, TimerService, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -83,10 +82,7 @@ class ServerLink:
         self.agent = agent
         self.server_host = server_host
         self.sources = [s for s in agent.sources if s.host == server_host]
-        if ":" in address:
-            endpoint = TCP6ClientEndpoint(reactor, address.strip("[]"), port, timeout=10)
-        else:
-            endpoint = TCP4ClientEndpoint(reactor, address, port, timeout=10)
+        endpoint = session.server_endpoint(reactor, address, port)
         factory = Factory.forProtocol(lambda: _LinkProtocol(self))
         self.service = ClientService(
             endpoint, factory, retryPolicy=backoffPolicy(initialDelay=1.0, maxDelay=60.0),

@@ -404,6 +404,15 @@ class Report(_Command):
     errors = _STORE_ERRORS
 
 
+#: The arguments of a paged listing of needs (L{ListNeeds}, L{ListSurplus}).
+_NEEDS_PAGE = [
+    (b"source", amp.Unicode()),
+    (b"store", amp.Unicode()),
+    (b"cursor", amp.String(optional=True)),
+    (b"limit", amp.Integer()),
+]
+
+
 class ListNeeds(_Command):
     """
     Ask for up to C{limit} of C{store}'s needs from C{source}, most urgent
@@ -415,12 +424,7 @@ class ListNeeds(_Command):
     """
 
     commandName = b"list-needs"
-    arguments = [
-        (b"source", amp.Unicode()),
-        (b"store", amp.Unicode()),
-        (b"cursor", amp.String(optional=True)),
-        (b"limit", amp.Integer()),
-    ]
+    arguments = _NEEDS_PAGE
     response = [
         (b"needs", NeedList()),
         (b"cursor", amp.String(optional=True)),
@@ -444,12 +448,7 @@ class ListSurplus(_Command):
     """
 
     commandName = b"list-surplus"
-    arguments = [
-        (b"source", amp.Unicode()),
-        (b"store", amp.Unicode()),
-        (b"cursor", amp.String(optional=True)),
-        (b"limit", amp.Integer()),
-    ]
+    arguments = _NEEDS_PAGE
     response = [
         (b"needs", NeedList()),
         (b"cursor", amp.String(optional=True)),

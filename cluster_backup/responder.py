@@ -524,43 +524,21 @@ def _take(queue: deque, budget: int) -> list[bytes]:
 
 
 class ServerFactory(Factory):
-    """Builds a L{ServerProtocol} per connection; arguments as its own."""
+    """
+    Builds a L{ServerProtocol} per connection, with the arguments given here
+    (the same as L{ServerProtocol}'s), and counts the traffic they handle.
+    """
 
     protocol = ServerProtocol
 
-    def __init__(
-        self,
-        ledgers: Mapping[str, LedgerAPI],
-        stores: Mapping[str, str],
-        secret: Optional[bytes],
-        server_host: str,
-        rsync: Callable[[str], Any],
-        clock: IReactorTime,
-        serves: Optional[Callable[[str, str], bool]] = None,
-        claim_ttl: int = CLAIM_TTL,
-    ):
-        self.ledgers = ledgers
-        self.stores = stores
-        self._secret = secret
-        self.server_host = server_host
-        self.rsync = rsync
-        self.clock = clock
-        self.serves = serves
-        self.claim_ttl = claim_ttl
+    def __init__(self, *args, **kwargs):
+        self._args = args
+        self._kwargs = kwargs
         #: connections and commands (by name) handled since last cleared.
         self.traffic: Counter[str] = Counter()
 
     def buildProtocol(self, addr) -> ServerProtocol:
-        p = ServerProtocol(
-            self.ledgers,
-            self.stores,
-            self._secret,
-            self.server_host,
-            self.rsync,
-            self.clock,
-            serves=self.serves,
-            claim_ttl=self.claim_ttl,
-        )
+        p = ServerProtocol(*self._args, **self._kwargs)
         p.factory = self
         return p
 

@@ -581,19 +581,18 @@ async def ask_server(reactor, cluster: Cluster, source: Source, subpath: Optiona
     copies on dead stores or at an older version do not count (such files
     may still be restored from the stores read here, at their version).
     """
-    from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
+    from twisted.internet.endpoints import connectProtocol
     from twisted.protocols import amp
+
+    from cluster_backup import session
 
     backing = cluster.stores_for(source) or list(cluster.stores)
     if not backing:
         raise ReadError("the config has no store to ask about")
     address = cluster.address_of(source.host)
     port = cluster.options.port
-    if ":" in address:
-        endpoint = TCP6ClientEndpoint(reactor, address.strip("[]"), port, timeout=timeout)
-    else:
-        endpoint = TCP4ClientEndpoint(reactor, address, port, timeout=timeout)
-    proto = await connectProtocol(endpoint, amp.AMP())
+    proto = await connectProtocol(session.server_endpoint(reactor, address, port, timeout),
+                                  amp.AMP())
     try:
         return await no_copy(proto, backing[0], source, subpath, secret)
     finally:

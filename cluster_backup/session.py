@@ -22,6 +22,7 @@ from itertools import zip_longest
 from typing import Any, Callable, Coroutine, Iterable, Optional, TypeVar
 
 from attrs import frozen
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.defer import Deferred
 from twisted.protocols import amp
 
@@ -175,6 +176,33 @@ async def report_delta(
     return await _send_reports(proto, source, store, sends, used, quota)
 
 
+def server_endpoint(reactor, address: str, port: int, timeout: float = 10):
+    """The client endpoint of a server at C{address} (IPv4, IPv6 or a name)."""
+    if ":" in address:
+        return TCP6ClientEndpoint(reactor, address.strip("[]"), port, timeout=timeout)
+    return TCP4ClientEndpoint(reactor, address, port, timeout=timeout)
+
+
+async def _follow(proto, command, source: str, store: str, limit: int,
+                  page: int) -> tuple[list[Need], Optional[dict]]:
+    """
+    Ask C{command} (L{ListNeeds} or L{ListSurplus}) page after page,
+    following cursors (through short or empty pages) until the end or
+    C{limit} needs; returns the needs and the last answer.
+    """
+    needs: list[Need] = []
+    cursor, answer = None, None
+    while len(needs) < limit:
+        answer = await proto.callRemote(
+            command, source=source, store=store, cursor=cursor,
+            limit=min(page, limit - len(needs)))
+        needs.extend(answer["needs"])
+        cursor = answer["cursor"]
+        if cursor is None:
+            break
+    return needs, answer
+
+
 @_deferred
 async def list_all_needs(
     proto: amp.AMP, source: str, store: str, limit: int = 10_000, page: int = 1_000
@@ -183,23 +211,8 @@ async def list_all_needs(
     Follow L{ListNeeds} cursors until the end or C{limit} needs; fires with
     C{(needs, safemode)}.
     """
-    needs: list[Need] = []
-    cursor = None
-    safemode = False
-    while len(needs) < limit:
-        answer = await proto.callRemote(
-            ListNeeds,
-            source=source,
-            store=store,
-            cursor=cursor,
-            limit=min(page, limit - len(needs)),
-        )
-        needs.extend(answer["needs"])
-        safemode = answer["safemode"]
-        cursor = answer["cursor"]
-        if cursor is None:
-            break
-    return needs, safemode
+    needs, last = await _follow(proto, ListNeeds, source, store, limit, page)
+    return needs, bool(last and last["safemode"])
 
 
 @_deferred
@@ -211,20 +224,7 @@ async def list_surplus(
     end or C{limit} needs; fires with C{store}'s surplus copies of
     C{source}, most copies first.
     """
-    needs: list[Need] = []
-    cursor = None
-    while len(needs) < limit:
-        answer = await proto.callRemote(
-            ListSurplus,
-            source=source,
-            store=store,
-            cursor=cursor,
-            limit=min(page, limit - len(needs)),
-        )
-        needs.extend(answer["needs"])
-        cursor = answer["cursor"]
-        if cursor is None:
-            break
+    needs, _ = await _follow(proto, ListSurplus, source, store, limit, page)
     return needs
 
 

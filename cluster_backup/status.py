@@ -33,11 +33,7 @@ from twisted.internet.defer import (
     TimeoutError as DeferredTimeoutError,
     gatherResults,
 )
-from twisted.internet.endpoints import (
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    connectProtocol,
-)
+from twisted.internet.endpoints import connectProtocol
 from twisted.internet.task import deferLater
 from twisted.protocols import amp
 from twisted.python.failure import Failure
@@ -101,14 +97,8 @@ def describe_error(reason: BaseException | Failure, timeout: float) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def _endpoint(reactor, address: str, port: int, timeout: float):
-    if ":" in address:
-        return TCP6ClientEndpoint(reactor, address.strip("[]"), port, timeout=timeout)
-    return TCP4ClientEndpoint(reactor, address, port, timeout=timeout)
-
-
 async def _converse(reactor, address, port, client_host, secret, timeout):
-    proto = await connectProtocol(_endpoint(reactor, address, port, timeout), amp.AMP())
+    proto = await connectProtocol(session.server_endpoint(reactor, address, port, timeout), amp.AMP())
     try:
         await session.login(proto, client_host, secret)
         return await session.status_all(proto)
