@@ -466,14 +466,12 @@ class SimStore:
         await sim.rpc()
         paths = [n.path for n in needs]
         sim.stats.claims_asked += len(paths)
-        if getattr(Ledger, "claim_fill_flag", False):  # --experiment claim-needed
-            needed = [n.path for n in needs if n.copies < n.wanted]
-            fill = [n.path for n in needs if n.copies >= n.wanted]
-            granted = set(sim.call("claim", ledger.claim, self.id, needed, False))
-            if fill:
-                granted.update(sim.call("claim", ledger.claim, self.id, fill))
-        else:
-            granted = set(sim.call("claim", ledger.claim, self.id, paths))
+        # As Agent.fetch_batch: needs claimed as needs, the rest as greedy fill.
+        granted: set = set()
+        for fill in (False, True):
+            some = [n.path for n in needs if (n.copies >= n.wanted) == fill]
+            if some:
+                granted.update(sim.call("claim", ledger.claim, self.id, some, fill))
         batch = [n for n in needs if n.path in granted]
         if not batch:
             return 0
@@ -544,68 +542,6 @@ def experiment(fn):
     """Register C{fn} (patches, returns an undo callable) as C{--experiment NAME}."""
     EXPERIMENTS[fn.__name__.replace("_", "-")] = fn
     return fn
-
-
-@experiment
-def no_early_fill():
-    """
-    (Now the planner's own behaviour: this patch changes nothing since.)
-    Proposed change to L{planner.plan}: while any offered need of any source
-    is below its copies (and fits the whole quota), plan no need at or
-    above its copies, i.e. greedy fill waits for a round that offers
-    nothing needed.  Today a source whose files all reached their copies
-    is greedily filled (its ledger grants surplus claims once I{it} has no
-    file below copies) while other sources still need the space: those
-    surplus copies are then swapped out again for the rarer files, and
-    refetched by the next greedy store (fetch, drop, fetch).
-    """
-    original = planner.plan
-
-    def plan(*, needs, quota, cost, **kw):
-        def needed(sid, n):
-            return n.copies < n.wanted and cost(sid, n.path, n.size) <= quota
-
-        if any(needed(sid, n) for sid, ns in needs for n in ns):
-            needs = [(sid, [n for n in ns if n.copies < n.wanted]) for sid, ns in needs]
-        return original(needs=needs, quota=quota, cost=cost, **kw)
-
-    planner.plan = plan
-    return lambda: setattr(planner, "plan", original)
-
-
-@experiment
-def claim_needed():
-    """
-    Proposed change to C{Claim} (protocol, L{Ledger.claim} and
-    L{client.Agent.fetch_batch}): the client says which paths it claims as
-    needs (offered below copies) and which as greedy fill (offered at or
-    above); the ledger grants a need claim only while the file is still
-    below its copies (counting live claims).  Today a need that went stale
-    between ListNeeds and Claim (other stores fetched it meanwhile; a round
-    claims its later batches only after the earlier ones transferred) is
-    granted as greedy fill as soon as its source has no file left below
-    copies: an unplanned surplus copy that takes space rarer files of other
-    sources need, and is swapped out again later.
-    """
-    original = Ledger.claim
-
-    def claim(self, store, paths, fill=True):
-        if fill:
-            return original(self, store, paths)
-        s = self._store(store)
-        self._tick()
-        keep = []
-        for path in paths:
-            i = self._ids.get(path)
-            if (i is not None and self._count[i] >= self.copies
-                    and s not in self._claims.get(i, ())):
-                continue  # no longer needed: not granted as fill
-            keep.append(path)
-        return original(self, store, keep)
-
-    Ledger.claim = claim
-    Ledger.claim_fill_flag = True
-    return lambda: (setattr(Ledger, "claim", original), delattr(Ledger, "claim_fill_flag"))
 
 
 def main() -> None:

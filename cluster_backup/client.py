@@ -362,7 +362,9 @@ class Agent(MultiService):
         """
         sure = [r for r in have if r.path not in doubtful]
         unsure = [r for r in have if r.path in doubtful]
-        grant = await session.claim(proto, source.id, self.id, [r.path for r in unsure])
+        # fill: the check must be allowed whatever the copies of these files.
+        grant = await session.claim(proto, source.id, self.id, [r.path for r in unsure],
+                                    fill=True)
         granted = set(grant.granted)
         if not granted:
             return sure
@@ -414,8 +416,14 @@ class Agent(MultiService):
         proto = self._proto(source)
         if proto is None:
             return 0
-        grant = await session.claim(proto, source.id, self.id, [n.path for n in needs])
-        granted = set(grant.granted)
+        # Needs are claimed as needs (refused if others took them meanwhile),
+        # copies offered at or above their count as greedy fill (see Claim).
+        granted: set = set()
+        for fill in (False, True):
+            paths = [n.path for n in needs if (n.copies >= n.wanted) == fill]
+            if paths:
+                grant = await session.claim(proto, source.id, self.id, paths, fill=fill)
+                granted.update(grant.granted)
         batch = [n for n in needs if n.path in granted]
         if not batch:
             return 0

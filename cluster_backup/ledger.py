@@ -882,13 +882,18 @@ class Ledger:
                     return out, _CURSOR.pack(_SURPLUS_TAG, c, r, _M32, 2**64 - 1)
         return out, None
 
-    def claim(self, store: str, paths: Iterable[bytes]) -> list[bytes]:
+    def claim(self, store: str, paths: Iterable[bytes], fill: bool = False) -> list[bytes]:
         """
         C{store} wants to fetch C{paths}; grant those its host neither holds
-        nor claims and that still need a copy (or any such path once no file
-        is below C{copies}: greedy fill).  A grant counts as a copy on its
-        host for C{claim_ttl} seconds, so other stores do not fetch the same
-        file meanwhile; claiming again renews it.  Nothing in safemode.
+        nor claims and that still need a copy (fewer than C{copies}, counting
+        live claims).  With C{fill} (greedy fill: the store was offered them
+        at or above their copies) such a path is also granted once no file
+        of the source is below C{copies}.  Without it, a need that went
+        stale between L{needs} and this claim (other stores claimed it
+        meanwhile) is refused, so it does not become an unplanned surplus
+        copy.  A grant counts as a copy on its host for C{claim_ttl}
+        seconds, so other stores do not fetch the same file meanwhile;
+        claiming again renews it (whatever C{fill}).  Nothing in safemode.
         """
         s = self._store(store)
         now = self._tick()
@@ -909,7 +914,7 @@ class Ledger:
                 continue
             if claimers and any(mine >> t & 1 for t in claimers):
                 continue
-            if self._count[i] >= self.copies and self._under():
+            if self._count[i] >= self.copies and (not fill or self._under()):
                 continue
             self._claims.setdefault(i, {})[s] = deadline
             heappush(self._claim_heap, (deadline, i, s))

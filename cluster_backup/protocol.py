@@ -462,6 +462,14 @@ class Claim(_Command):
     a subset (C{granted}), each counted as a copy for C{ttl} seconds, and
     names the rsync daemon module to fetch them from.  Every path must be
     known to the source, or nothing is claimed.
+
+    Without C{fill} the paths are claimed as needs: each is granted only
+    while it is still below the source's C{copies} (live claims count), so
+    a need other stores took meanwhile is refused rather than fetched as an
+    unplanned extra copy.  With C{fill} true (greedy fill: the store was
+    offered them at or above their copies) they are also granted once no
+    file of the source is below its copies.  Renewing one's own claim is
+    always granted.
     """
 
     commandName = b"claim"
@@ -469,6 +477,7 @@ class Claim(_Command):
         (b"source", amp.Unicode()),
         (b"store", amp.Unicode()),
         (b"paths", PathList()),
+        (b"fill", amp.Boolean(optional=True)),
     ]
     response = [
         (b"granted", PathList()),

@@ -411,20 +411,21 @@ class ServerProtocol(amp.AMP):
         return dict(needs=needs, cursor=after)
 
     @Claim.responder
-    def claim(self, source: str, store: str, paths: list[bytes]) -> dict:
+    def claim(self, source: str, store: str, paths: list[bytes], fill: bool = False) -> dict:
         ledger = self._ledger_for(source, store)
         self._all_known(ledger, paths)
         endpoint = self.rsync(source)
         if not isinstance(endpoint, RsyncEndpoint):
             endpoint = RsyncEndpoint(*endpoint)
         with _ledger_errors():
-            granted = list(ledger.claim(store, paths))
+            granted = list(ledger.claim(store, paths, fill))
         log.info(
-            "{store} claimed {granted} of {asked} files of {source}",
+            "{store} claimed {granted} of {asked} files of {source}{why}",
             store=store,
             source=source,
             granted=len(granted),
             asked=len(paths),
+            why=" (greedy fill)" if fill else "",
         )
         return dict(
             granted=granted,

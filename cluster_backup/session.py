@@ -243,13 +243,18 @@ async def claim(
     source: str,
     store: str,
     paths: Iterable[bytes],
+    fill: bool = False,
     budget: int = PAGE_BUDGET,
 ) -> Grant:
-    """Claim C{paths} in pages; fires with a L{Grant} of everything granted."""
+    """
+    Claim C{paths} in pages (as needs, or with C{fill} as greedy fill: see
+    L{Claim}); fires with a L{Grant} of everything granted.
+    """
     granted: list[bytes] = []
     answer = None
     for page in page_paths(paths, budget) or [[]]:
-        answer = await proto.callRemote(Claim, source=source, store=store, paths=page)
+        answer = await proto.callRemote(Claim, source=source, store=store, paths=page,
+                                        fill=fill)
         granted.extend(answer["granted"])
     endpoint = RsyncEndpoint(
         answer["rsync_host"],

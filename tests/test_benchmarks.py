@@ -33,8 +33,3 @@ class BenchmarkSmokeTests(SynchronousTestCase):
         self.assertIn("| outcome | converged at", out)
         self.assertIn("0 files below copies (ledgers: 0) | every file at copies (met) |", out)
         self.assertIn("| store over quota | never", out)
-
-    def test_convergence_experiments(self):
-        out = self.run_bench("bench_convergence.py", "--stores", "10", "--files", "2000",
-                             "--experiment", "no-early-fill", "--experiment", "claim-needed")
-        self.assertIn("every file at copies (met) |", out)

@@ -236,9 +236,21 @@ class ClaimTests(SynchronousTestCase):
     def test_greedy_fill_only_when_nothing_is_under(self):
         ledger, _ = make(copies=1, files=[b"f", b"g"])
         ledger.report("b:/1", [rec(b"f")])
-        self.assertEqual(ledger.claim("c:/1", [b"f"]), [])
+        self.assertEqual(ledger.claim("c:/1", [b"f"], fill=True), [])
         ledger.report("d:/1", [rec(b"g")])
-        self.assertEqual(ledger.claim("c:/1", [b"f"]), [b"f"])
+        self.assertEqual(ledger.claim("c:/1", [b"f"], fill=True), [b"f"])
+
+    def test_a_need_is_granted_only_while_below_copies(self):
+        """A need others claimed meanwhile is refused, even once nothing is under."""
+        ledger, _ = make(copies=2, files=[b"f", b"g"])
+        ledger.report("a:/1", [rec(b"f"), rec(b"g")])
+        self.assertEqual(ledger.needs("c:/1", None, 10)[0][0].copies, 1)  # offered as a need
+        self.assertEqual(ledger.claim("b:/1", [b"f", b"g"]), [b"f", b"g"])
+        # f and g are at 2 copies (a's holding, b's claim): c's need went stale.
+        self.assertEqual(ledger.claim("c:/1", [b"f"]), [])
+        self.assertEqual(ledger.claim("c:/1", [b"f"], fill=True), [b"f"])
+        # Renewing one's own claim needs no flag.
+        self.assertEqual(ledger.claim("b:/1", [b"g"]), [b"g"])
 
     def test_release(self):
         ledger, _ = make(copies=1, files=[b"f", b"g"])
@@ -567,7 +579,7 @@ class DropTests(SynchronousTestCase):
     def test_claims_do_not_count(self):
         ledger, _ = make(copies=1, files=[b"f"])
         ledger.report("b:/1", [rec(b"f")])
-        ledger.claim("c:/1", [b"f"])
+        self.assertEqual(ledger.claim("c:/1", [b"f"], fill=True), [b"f"])
         self.assertEqual(ledger.drop("b:/1", [b"f"]), [])
 
     def test_dead_copies_do_not_count(self):
@@ -652,7 +664,7 @@ class SurplusTests(SynchronousTestCase):
         clock.advance(DEAD - 1)
         ledger.report("b:/1")
         ledger.report("c:/1")
-        self.assertEqual(ledger.claim("a:/1", [b"f"]), [b"f"])
+        self.assertEqual(ledger.claim("a:/1", [b"f"], fill=True), [b"f"])
         clock.advance(1)  # d dies; a's claim is still live
         self.assertEqual([n.copies for n in surplus_all(ledger, "b:/1")], [2])
         self.assertEqual([n.copies for n in needs_all(ledger, "a:/2")], [])
@@ -663,7 +675,7 @@ class SurplusTests(SynchronousTestCase):
         ledger.report("c:/1", [rec(b"g")])
         # A greedy claim raises f's count to 2 and g's to 3; only real
         # holdings count for surplus, as for drop().
-        self.assertEqual(ledger.claim("d:/1", [b"f", b"g"]), [b"f", b"g"])
+        self.assertEqual(ledger.claim("d:/1", [b"f", b"g"], fill=True), [b"f", b"g"])
         self.assertEqual({n.path: n.copies for n in needs_all(ledger, "a:/1")},
                          {b"f": 2, b"g": 3})
         got = [(n.path, n.copies) for n in surplus_all(ledger, "b:/1")]
@@ -846,7 +858,7 @@ ops_st = st.lists(
         # Fetches and drops are weighted up, so drops get granted often.
         st.tuples(st.just("fetch"), st.sets(stores_st, min_size=1), paths_st),
         st.tuples(st.just("drop"), stores_st, paths_st),
-        st.tuples(st.just("claim"), stores_st, paths_st),
+        st.tuples(st.just("claim"), stores_st, paths_st, st.booleans()),
         st.tuples(st.just("release"), stores_st, paths_st),
         st.tuples(st.just("drop"), stores_st, paths_st),
         st.tuples(st.just("lose"), stores_st, paths_st),
@@ -970,18 +982,18 @@ class ModelTests(SynchronousTestCase):
         for key in [k for k in model.claims if model.holds(*k)]:
             del model.claims[key]
 
-    def do_claim(self, ledger, model, store, path):
+    def do_claim(self, ledger, model, store, path, fill):
         if path not in model.current:
-            self.assertRaises(UnknownPath, ledger.claim, store, [path])
+            self.assertRaises(UnknownPath, ledger.claim, store, [path], fill)
             return
         renew = store in model.claimers(path)
         under = any(model.with_claims(p) < COPIES for p in model.current)
         expected = not model.safe and (
             renew
             or (not model.host_has(store, path)
-                and (model.with_claims(path) < COPIES or not under))
+                and (model.with_claims(path) < COPIES or (fill and not under)))
         )
-        granted = ledger.claim(store, [path])
+        granted = ledger.claim(store, [path], fill)
         self.assertEqual(granted, [path] if expected else [])
         if expected:
             model.claims[(store, path)] = model.now + TTL

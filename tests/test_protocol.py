@@ -177,9 +177,9 @@ class FakeLedger:
         end = start + len(page)
         return page, (str(end).encode() if end < len(listed) else None)
 
-    def claim(self, store, paths) -> list[bytes]:
+    def claim(self, store, paths, fill=False) -> list[bytes]:
         paths = list(paths)
-        self.calls.append(("claim", store, paths))
+        self.calls.append(("claim", store, paths, fill))
         taken = set().union(*[c for s, c in self.claims.items() if s != store])
         granted = [p for p in paths if p not in taken]
         self.claims.setdefault(store, set()).update(granted)
@@ -705,6 +705,14 @@ class CommandTests(SynchronousTestCase):
         # another store of the same host is granted only what is left
         grant = self.h.ok(S.claim(self.h.client, SOURCE, STORE_B, [b"a.txt", b"dir/sub/c"]))
         self.assertEqual(grant.granted, (b"dir/sub/c",))
+
+    def test_claim_says_need_or_fill(self):
+        """Claims are needs unless the client says greedy fill."""
+        self.h.ok(S.claim(self.h.client, SOURCE, STORE, [b"a.txt"]))
+        self.h.ok(S.claim(self.h.client, SOURCE, STORE, [b"dir/b.bin"], fill=True))
+        claims = [c for c in self.ledger.calls if c[0] == "claim"]
+        self.assertEqual(claims, [("claim", STORE, [b"a.txt"], False),
+                                  ("claim", STORE, [b"dir/b.bin"], True)])
 
     def test_claim_pages(self):
         files = [FileRecord(b"%04d" % i + b"c" * 3000, i, i) for i in range(50)]
