@@ -201,6 +201,8 @@ def read_yaml(text: str) -> Document:
         raise SyntaxProblems([(line, f"YAML syntax error: {problem}")])
     except RecursionError:  # PyYAML's composer recurses once per nesting level
         raise SyntaxProblems([(1, "YAML syntax error: nested too deeply")])
+    except ValueError as e:  # PyYAML's int() of a huge %YAML version number
+        raise SyntaxProblems([(1, f"YAML syntax error: {str(e)[:200]}")])
     doc = Document()
     problems: list[tuple[int, str]] = []
     if root is None:

@@ -175,6 +175,7 @@ NASTY_FILES = [
     ("bomb.yaml", b"a: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\n"
                   b"c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\nsources: *c\n"),
     ("tag.yaml", b"options:\n  PORT: !!python/object/apply:os.system [\"true\"]\n"),
+    ("huge-version.yaml", b"%YAML " + b"1" * 5000 + b".1\n---\nsources: []\n"),
     ("huge-duration.conf", b"options: RESCAN: " + b"9" * 5000 + b"\n"),
     ("huge-size.conf", b"backup: h:/b\nsize: " + b"9" * 400 + b"p\n"),
     ("huge-keep.conf", b"server: h:/a\nkeep deleted: " + b"9" * 400 + b"d\n"),
