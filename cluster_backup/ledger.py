@@ -4,15 +4,25 @@ version of each, who is fetching what, and so what each store should fetch
 next.  Sans-IO: no disk, no network, no reactor; time comes from the C{clock}
 passed in (anything with C{.seconds()}), so tests drive it with L{Clock}.
 
-It is built for millions of files.  A file is an integer id; its path, size,
-mtime, hash and copy count live in parallel lists and arrays, and its current
-holders are one small int, a bitmask of store indexes (masks are interned, so
-most files share a handful of int objects).  Files are indexed by live copy
-count ("tier") and, inside a tier, by a bucket of their path hash, so a page
-of needs touches a few buckets instead of sorting every file; a page of a
-store's surplus copies walks the tiers above C{copies} the same way.  Everything
-that depends on time (claims expiring, stores going dead, safemode ending) is
-evaluated lazily when a method is called.
+It is built for millions of files, in memory and in time per call:
+
+  - A file is an integer id.  Its path, size, mtime and current holders live
+    in parallel lists and arrays; its holders are one small int, a bitmask
+    of store indexes (masks are interned, so most files share a handful of
+    int objects).
+  - Its live copy count (its "tier", claims included) is one byte of the
+    C{bytearray} C{_count}, so the files of a tier are found with
+    C{bytearray.find} at C speed, with no per-file index to keep up.  Counts
+    of 255 and more are kept exactly in a small dict beside it.
+  - A store lists a tier in id order as a ring, starting where its last
+    claim ended (at first at an offset of its own): stores asking together
+    start at different places, and a store does not walk again over the
+    files it just took.
+  - Reports, the hot path of every inventory, are checked as a whole with
+    C-level calls (C{map}, C{itemgetter}, tuple comparison); only the
+    records that change something are handled one by one.
+  - Everything that depends on time (claims expiring, stores going dead,
+    safemode ending) is evaluated lazily when a method is called.
 
 Counting rules (DESIGN.md): a copy counts once per distinct host, only at the
 current version, only while its store is not dead; a live claim counts as a
@@ -23,27 +33,28 @@ from __future__ import annotations
 
 import struct
 from array import array
-from bisect import bisect_left, insort
 from hashlib import blake2b
-from heapq import heappop, heappush
-from typing import Iterable, Mapping, Optional
-from zlib import crc32
+from heapq import heapify, heappop, heappush, merge
+from itertools import count as counter
+from operator import itemgetter
+from typing import Iterable, Iterator, Mapping, Optional
 
-from .records import FileRecord, Need, ReportAnswer, SourceStatus, StoreStatus, rank
+from .records import FileRecord, Needs, Records, ReportAnswer, SourceStatus, StoreStatus
 
 __all__ = ["Ledger", "LedgerError", "UnknownStore", "UnknownPath", "BadCursor"]
 
-_M32 = 0xFFFFFFFF
-# 2**12 hash buckets per tier: at a million files a bucket holds a few hundred
-# ids, small enough to sort one per page step, few enough to cost little.
-_BUCKET_SHIFT = 20
-_BUCKETS = 1 << (32 - _BUCKET_SHIFT)
-# needs() examines at most this many files per call; when the budget runs out
-# it answers a short page with a cursor rather than stalling the server.
+# needs() and surplus() examine at most this many files per call; when the
+# budget runs out they answer a short page with a cursor rather than stall
+# the server.
 _SCAN_BUDGET = 50_000
-_CURSOR = struct.Struct(">BHHIQ")
+# tag, tier, ring start, next position, whether the ring wrapped
+_CURSOR = struct.Struct(">BIIIB")
 _CURSOR_TAG = 1  # needs() cursors
 _SURPLUS_TAG = 2  # surplus() cursors: a needs cursor is no surplus cursor
+# A count byte of _CAP means "_CAP or more": the exact count is in _big (a
+# free id, in no tier, has _CAP and is not in _big).
+_CAP = 255
+_BYTE = [bytes([c]) for c in range(256)]
 
 
 class LedgerError(Exception):
@@ -62,49 +73,31 @@ class BadCursor(LedgerError):
     """A needs() or surplus() cursor that this ledger did not produce."""
 
 
-def _path_hash(path: bytes) -> int:
-    # crc32 is cheap; the odd multiplier spreads its low bits into the top
-    # bits, which pick the bucket.
-    return (crc32(path) * 0x9E3779B1) & _M32
+def _bits(mask: int) -> Iterator[int]:
+    """The indexes of the bits set in C{mask}, lowest first."""
+    while mask:
+        low = mask & -mask
+        yield low.bit_length() - 1
+        mask ^= low
 
 
-class _Tier:
-    """The files with one live copy count, bucketed by path hash."""
-
-    __slots__ = ("buckets", "order", "files", "bytes")
-
-    def __init__(self) -> None:
-        self.buckets: dict[int, set[int]] = {}
-        self.order: list[int] = []  # sorted keys of non-empty buckets
-        self.files = 0
-        self.bytes = 0
-
-    def add(self, i: int, b: int, size: int) -> None:
-        bucket = self.buckets.get(b)
-        if bucket is None:
-            bucket = self.buckets[b] = set()
-            insort(self.order, b)
-        bucket.add(i)
-        self.files += 1
-        self.bytes += size
-
-    def remove(self, i: int, b: int, size: int) -> None:
-        bucket = self.buckets[b]
-        bucket.remove(i)
-        if not bucket:
-            del self.buckets[b]
-            del self.order[bisect_left(self.order, b)]
-        self.files -= 1
-        self.bytes -= size
+def _pick(column, ids: list[int]) -> tuple:
+    """C{column[i]} for each of C{ids}, at C speed."""
+    if len(ids) == 1:
+        return (column[ids[0]],)
+    return itemgetter(*ids)(column) if ids else ()
 
 
 class _Inventory:
     """What one store reported since its inventory_started()."""
 
-    __slots__ = ("marks", "paths")
+    __slots__ = ("current", "other", "paths")
 
-    def __init__(self, n: int) -> None:
-        self.marks = bytearray(n)  # by file id; ids >= len count as seen
+    def __init__(self) -> None:
+        # Ids reported at the current version, still held since: always a
+        # subset of the store's holdings, so equal sizes mean equal sets.
+        self.current: set[int] = set()
+        self.other: set[int] = set()  # ids reported at another version
         self.paths: set[bytes] = set()  # reported paths the ledger lacks
 
 
@@ -163,18 +156,24 @@ class Ledger:
             sum(1 << t for t, h in enumerate(self._hosts) if h == host)
             for host in self._hosts
         ]
-        self._salt = [
-            int.from_bytes(blake2b(sid.encode("utf-8", "surrogateescape"), digest_size=4).digest(), "big")
+        # Where each store's listings start in the id ring: an offset of its
+        # own at first, then just after its last claim.
+        self._resume = [
+            int.from_bytes(blake2b(sid.encode("utf-8", "surrogateescape"),
+                                   digest_size=4).digest(), "big")
             for sid in self._store_ids
         ]
+        self._offset = list(self._resume)  # surplus() always starts here
         n = len(self._store_ids)
         self._live = (1 << n) - 1  # stores not dead
         self._last: list[Optional[float]] = [None] * n
+        self._next_death = float("-inf")  # no store can die before this
         self._used: list[Optional[int]] = [None] * n
         self._quota: list[Optional[int]] = [None] * n
         self._held_files = [0] * n
         self._held_bytes = [0] * n
-        self._stale: list[dict[int, tuple[int, int]]] = [{} for _ in range(n)]
+        # file id -> {store: version it holds that is not current}
+        self._stale: dict[int, dict[int, tuple[int, int]]] = {}
         self._orphans: list[dict[bytes, tuple[int, int]]] = [{} for _ in range(n)]
         self._pending: list[dict[bytes, tuple[int, int]]] = [{} for _ in range(n)]
         self._tell_stale: list[dict[bytes, None]] = [{} for _ in range(n)]
@@ -190,18 +189,20 @@ class Ledger:
         self._paths: list[Optional[bytes]] = []
         self._size = array("q")
         self._mtime = array("q")
-        self._hash = array("I")
-        self._count = array("H")  # live copies incl. claims = its tier
+        self._count = bytearray()  # live copies incl. claims (its tier), capped
+        self._big: dict[int, int] = {}  # exact counts of _CAP and more
         self._holders: list[int] = []  # mask of stores holding it current
         self._free: list[int] = []
-        self._tiers: dict[int, _Tier] = {0: _Tier()}
+        self._tally: dict[int, list[int]] = {}  # count -> [files, bytes]
         self._bytes = 0
         self._masks: dict[int, int] = {}  # interned holder masks
         self._ncopies: dict[int, int] = {0: 0}  # store mask -> distinct hosts
 
-        # Claims: file id -> {store: deadline}, and a heap to expire them.
+        # Claims: file id -> {store: deadline}; a heap of (deadline, seq,
+        # store, ids) with one entry per claim call, to expire them.
         self._claims: dict[int, dict[int, float]] = {}
-        self._claim_heap: list[tuple[float, int, int]] = []
+        self._claim_heap: list[tuple[float, int, int, tuple[int, ...]]] = []
+        self._claim_seq = counter()
 
         # Scans.
         self._seen: Optional[bytearray] = None  # marks of the running scan
@@ -227,11 +228,13 @@ class Ledger:
         self.deaf_seconds += seconds
         self._created += seconds
         self._last = [None if last is None else last + seconds for last in self._last]
+        self._next_death = float("-inf")
         if self._claim_heap:
             for claimers in self._claims.values():
                 for s in claimers:
                     claimers[s] += seconds
-            self._claim_heap = [(d + seconds, i, s) for d, i, s in self._claim_heap]
+            self._claim_heap = [(d + seconds, q, s, ids) for d, q, s, ids in self._claim_heap]
+            heapify(self._claim_heap)
 
     def _tick(self) -> float:
         """Apply whatever the clock made true since the last call."""
@@ -243,16 +246,24 @@ class Ledger:
             self._awake = now
         heap = self._claim_heap
         while heap and heap[0][0] <= now:
-            deadline, i, s = heappop(heap)
-            claims = self._claims.get(i)
-            if claims is not None and claims.get(s) == deadline:
-                self._unclaim(i, s, claims)
-        for s, last in enumerate(self._last):
-            bit = 1 << s
-            if last is not None and self._live & bit and now - last >= self._dead_after:
-                self._live &= ~bit
-                self.deaths[self._store_ids[s]] += 1
-                self._recount_store(bit)
+            deadline, _, s, ids = heappop(heap)
+            for i in ids:
+                claims = self._claims.get(i)
+                if claims is not None and claims.get(s) == deadline:
+                    self._unclaim(i, s, claims)
+        if now >= self._next_death:
+            soonest = float("inf")
+            for s, last in enumerate(self._last):
+                bit = 1 << s
+                if last is None or not self._live & bit:
+                    continue
+                if now - last >= self._dead_after:
+                    self._live &= ~bit
+                    self.deaths[self._store_ids[s]] += 1
+                    self._recount_store(bit)
+                else:
+                    soonest = min(soonest, last + self._dead_after)
+            self._next_death = soonest
         if self._safe and (
             now - self._created >= 5 * self._report_interval
             or len(self._inventoried) == len(self._store_ids)
@@ -277,20 +288,47 @@ class Ledger:
         n = self._ncopies.get(mask)
         if n is None:
             hosts = 0
-            m = mask
-            while m:
-                low = m & -m
-                hosts |= self._host_bit[low.bit_length() - 1]
-                m ^= low
+            for s in _bits(mask):
+                hosts |= self._host_bit[s]
             n = self._ncopies[mask] = hosts.bit_count()
         return n
 
     def _intern(self, mask: int) -> int:
         return self._masks.setdefault(mask, mask)
 
+    def _copies(self, i: int) -> int:
+        """File C{i}'s exact tier (live copies, claims included)."""
+        c = self._count[i]
+        return self._big[i] if c == _CAP else c
+
+    def _set_count(self, i: int, n: int) -> None:
+        """Move file C{i} from its tier to tier C{n}, keeping the tallies."""
+        old = self._copies(i)
+        if n == old:
+            return
+        size = self._size[i]
+        tally = self._tally
+        t = tally[old]
+        t[0] -= 1
+        t[1] -= size
+        if not t[0]:
+            del tally[old]
+        t = tally.get(n)
+        if t is None:
+            tally[n] = [1, size]
+        else:
+            t[0] += 1
+            t[1] += size
+        if n >= _CAP:
+            self._count[i] = _CAP
+            self._big[i] = n
+        else:
+            self._count[i] = n
+            if old >= _CAP:
+                del self._big[i]
+
     def _recount(self, i: int) -> None:
         """Move file C{i} to the tier of its live copy count."""
-        # Hot path (every new holding): tier moves are inlined.
         m = self._holders[i] & self._live
         claims = self._claims.get(i)
         if claims:
@@ -301,29 +339,26 @@ class Ledger:
             n = self._hosts_in(m)
         count = self._count
         old = count[i]
-        if n != old:
-            count[i] = n
-            b = self._hash[i] >> _BUCKET_SHIFT
-            size = self._size[i]
-            tiers = self._tiers
-            tier = tiers[old]
-            bucket = tier.buckets[b]
-            bucket.remove(i)
-            if not bucket:
-                del tier.buckets[b]
-                del tier.order[bisect_left(tier.order, b)]
-            tier.files -= 1
-            tier.bytes -= size
-            tier = tiers.get(n)
-            if tier is None:
-                tier = tiers[n] = _Tier()
-            bucket = tier.buckets.get(b)
-            if bucket is None:
-                bucket = tier.buckets[b] = set()
-                insort(tier.order, b)
-            bucket.add(i)
-            tier.files += 1
-            tier.bytes += size
+        if n == old and old != _CAP:
+            return
+        if old == _CAP or n >= _CAP:
+            self._set_count(i, n)
+            return
+        # _set_count() inlined: this runs for every new holding and claim.
+        count[i] = n
+        size = self._size[i]
+        tally = self._tally
+        t = tally[old]
+        t[0] -= 1
+        t[1] -= size
+        if not t[0]:
+            del tally[old]
+        t = tally.get(n)
+        if t is None:
+            tally[n] = [1, size]
+        else:
+            t[0] += 1
+            t[1] += size
 
     def _recount_store(self, bit: int) -> None:
         # O(files): only when a store dies or comes back.
@@ -332,9 +367,19 @@ class Ledger:
                 self._recount(i)
 
     def _under(self) -> int:
-        return sum(t.files for c, t in self._tiers.items() if c < self.copies)
+        return sum(t[0] for c, t in self._tally.items() if c < self.copies)
 
     # -- holdings -----------------------------------------------------------
+
+    def _drop_stale(self, i: int, s: int) -> Optional[tuple[int, int]]:
+        """Forget that C{s} holds a stale version of C{i}; return it."""
+        stale = self._stale.get(i)
+        if stale is None:
+            return None
+        version = stale.pop(s, None)
+        if not stale:
+            del self._stale[i]
+        return version
 
     def _hold(self, i: int, s: int) -> None:
         """Store C{s} holds file C{i} at its current version."""
@@ -344,7 +389,7 @@ class Ledger:
             self._holders[i] = self._intern(m | bit)
             self._held_files[s] += 1
             self._held_bytes[s] += self._size[i]
-        self._stale[s].pop(i, None)
+        self._drop_stale(i, s)
         claims = self._claims.get(i)
         if claims is not None and s in claims:
             # The fetch is done: the holding now counts for this host.
@@ -359,6 +404,9 @@ class Ledger:
             self._holders[i] = self._intern(m & ~bit)
             self._held_files[s] -= 1
             self._held_bytes[s] -= self._size[i]
+            inventory = self._inventory[s]
+            if inventory is not None:
+                inventory.current.discard(i)
             self._recount(i)
 
     def _unclaim(self, i: int, s: int, claims: dict[int, float]) -> None:
@@ -374,24 +422,19 @@ class Ledger:
             self._hold(i, s)
             return True
         self._unhold(i, s)
-        self._stale[s][i] = version
+        self._stale.setdefault(i, {})[s] = version
         return False
 
     # -- files ----------------------------------------------------------------
 
     def _add(self, path: bytes, size: int, mtime: int) -> int:
-        h = _path_hash(path)
         if self._free:
             i = self._free.pop()
             self._paths[i] = path
             self._size[i] = size
             self._mtime[i] = mtime
-            self._hash[i] = h
             self._count[i] = 0
             self._holders[i] = 0
-            for inv in self._inventory:
-                if inv is not None and i < len(inv.marks):
-                    inv.marks[i] = 0
             if self._seen is not None and i < len(self._seen):
                 self._seen[i] = 1
         else:
@@ -399,14 +442,18 @@ class Ledger:
             self._paths.append(path)
             self._size.append(size)
             self._mtime.append(mtime)
-            self._hash.append(h)
             self._count.append(0)
             self._holders.append(0)
             if self._seen is not None:
                 self._seen.append(1)
         self._ids[path] = i
         self._bytes += size
-        self._tiers[0].add(i, h >> _BUCKET_SHIFT, size)
+        t = self._tally.get(0)
+        if t is None:
+            self._tally[0] = [1, size]
+        else:
+            t[0] += 1
+            t[1] += size
         return i
 
     def _adopt(self, i: int, path: bytes, stores: list[int]) -> None:
@@ -426,47 +473,63 @@ class Ledger:
         old = (self._size[i], self._mtime[i])
         delta = size - old[0]
         self._bytes += delta
-        self._tiers[self._count[i]].bytes += delta
+        self._tally[self._copies(i)][1] += delta
         m = self._holders[i]
         self._holders[i] = 0
         self._size[i] = size
         self._mtime[i] = mtime
-        for s in range(len(self._store_ids)):
-            if m & (1 << s):
-                self._held_files[s] -= 1
-                self._held_bytes[s] -= old[0]
-                self._stale[s][i] = old
-                self._tell_stale[s][path] = None
-            elif self._stale[s].get(i) == (size, mtime):
-                self._hold(i, s)
-                self._tell_stale[s].pop(path, None)
+        stale = self._stale.get(i, {})
+        current = [s for s, version in stale.items() if version == (size, mtime)]
+        for s in _bits(m):
+            self._held_files[s] -= 1
+            self._held_bytes[s] -= old[0]
+            self._stale.setdefault(i, {})[s] = old
+            self._tell_stale[s][path] = None
+            inventory = self._inventory[s]
+            if inventory is not None and i in inventory.current:
+                # reported during this inventory, at a version now stale
+                inventory.current.discard(i)
+                inventory.other.add(i)
+        for s in current:  # a copy of the new version was there already
+            self._hold(i, s)
+            self._tell_stale[s].pop(path, None)
+            inventory = self._inventory[s]
+            if inventory is not None and i in inventory.other:
+                inventory.other.discard(i)
+                inventory.current.add(i)  # as reported, and current again
         self._recount(i)
 
     def _remove(self, i: int) -> None:
         """File C{i} left the source: its copies become orphans."""
         path = self._paths[i]
         version = (self._size[i], self._mtime[i])
-        m = self._holders[i]
-        for s in range(len(self._store_ids)):
-            if m & (1 << s):
-                self._held_files[s] -= 1
-                self._held_bytes[s] -= version[0]
-                self._orphans[s][path] = version
-                self._tell_orphans[s][path] = None
-            old = self._stale[s].pop(i, None)
-            if old is not None:
-                self._orphans[s][path] = old
-                self._tell_orphans[s][path] = None
-                self._tell_stale[s].pop(path, None)
+        for s in _bits(self._holders[i]):
+            self._held_files[s] -= 1
+            self._held_bytes[s] -= version[0]
+            self._orphans[s][path] = version
+            self._tell_orphans[s][path] = None
+        for s, old in self._stale.pop(i, {}).items():
+            self._orphans[s][path] = old
+            self._tell_orphans[s][path] = None
+            self._tell_stale[s].pop(path, None)
         for inventory in self._inventory:
             # A path reported during an inventory stays remembered as orphan.
-            if inventory is not None and i < len(inventory.marks) and inventory.marks[i]:
+            if inventory is not None and (i in inventory.current or i in inventory.other):
+                inventory.current.discard(i)
+                inventory.other.discard(i)
                 inventory.paths.add(path)
         claims = self._claims.pop(i, None)
         if claims:
             for s in claims:
                 self._claim_count[s] -= 1
-        self._tiers[self._count[i]].remove(i, self._hash[i] >> _BUCKET_SHIFT, version[0])
+        c = self._copies(i)
+        t = self._tally[c]
+        t[0] -= 1
+        t[1] -= version[0]
+        if not t[0]:
+            del self._tally[c]
+        self._big.pop(i, None)
+        self._count[i] = _CAP  # not in _big: in no tier at all
         self._bytes -= version[0]
         del self._ids[path]
         self._paths[i] = None
@@ -489,9 +552,10 @@ class Ledger:
 
     def scan_batch(self, records: Iterable[FileRecord]) -> None:
         """
-        Files the running scan found.  New files appear at once and a new
-        version makes existing copies stale at once; removals wait for
-        L{scan_finished}.  A batch without L{scan_started} starts a scan.
+        Files the running scan found (L{FileRecord}s or L{Records}).  New
+        files appear at once and a new version makes existing copies stale
+        at once; removals wait for L{scan_finished}.  A batch without
+        L{scan_started} starts a scan.
         """
         self._tick()
         if self._seen is None:
@@ -500,21 +564,21 @@ class Ledger:
         ids = self._ids
         sizes = self._size
         mtimes = self._mtime
+        columns = Records.of(records)
         waiting = [
             s for s in range(len(self._store_ids)) if self._pending[s] or self._orphans[s]
         ]
-        for record in records:
-            path = record.path
+        for path, size, mtime in zip(columns.paths, columns.sizes, columns.mtimes):
             i = ids.get(path)
             if i is None:
-                i = self._add(path, record.size, record.mtime)
+                i = self._add(path, size, mtime)
                 if waiting:
                     self._adopt(i, path, waiting)
                 continue
             if i < len(seen):
                 seen[i] = 1
-            if sizes[i] != record.size or mtimes[i] != record.mtime:
-                self._change(i, record.size, record.mtime)
+            if sizes[i] != size or mtimes[i] != mtime:
+                self._change(i, size, mtime)
 
     def scan_finished(self, complete: bool, error: Optional[str] = None) -> None:
         """
@@ -557,10 +621,12 @@ class Ledger:
 
     def _renew(self, s: int, now: float) -> None:
         self._last[s] = now
+        self._next_death = min(self._next_death, now + self._dead_after)
         bit = 1 << s
         if not self._live & bit:
             self._live |= bit
             self._recount_store(bit)
+            self._next_death = float("-inf")
 
     def _answer(self, s: int) -> ReportAnswer:
         stale = list(self._tell_stale[s])
@@ -584,7 +650,7 @@ class Ledger:
         self._renew(s, now)
         for i in [i for i, claimers in self._claims.items() if s in claimers]:
             self._unclaim(i, s, self._claims[i])
-        self._inventory[s] = _Inventory(len(self._paths))
+        self._inventory[s] = _Inventory()
 
     def report(
         self,
@@ -595,17 +661,17 @@ class Ledger:
         quota: Optional[int] = None,
     ) -> ReportAnswer:
         """
-        C{store} holds C{held} (at their versions) and no longer holds
-        C{removed}; renews its lease.  Answers which reported paths are at a
-        stale version and which are orphans (plus any learned since its last
-        answer, e.g. from a rescan).  Paths unknown before the first complete
-        scan are kept aside and answered once that scan ends.
+        C{store} holds C{held} (L{FileRecord}s or L{Records}, at their
+        versions) and no longer holds C{removed}; renews its lease.  Answers
+        which reported paths are at a stale version and which are orphans
+        (plus any learned since its last answer, e.g. from a rescan).  Paths
+        unknown before the first complete scan are kept aside and answered
+        once that scan ends.
         """
         s = self._store(store)
         now = self._tick()
         self._renew(s, now)
         ids = self._ids
-        stale = self._stale[s]
         orphans = self._orphans[s]
         pending = self._pending[s]
         tell_stale = self._tell_stale[s]
@@ -615,38 +681,75 @@ class Ledger:
             i = ids.get(path)
             if i is not None:
                 self._unhold(i, s)
-                stale.pop(i, None)
+                self._drop_stale(i, s)
+                if inventory is not None:
+                    inventory.other.discard(i)
             orphans.pop(path, None)
             pending.pop(path, None)
             tell_stale.pop(path, None)
             tell_orphans.pop(path, None)
+        held = Records.of(held)
+        if held.paths and not self._report_known(s, held, inventory):
+            self._report_each(s, held, inventory)
+        if used is not None:
+            self._used[s] = used
+        if quota is not None:
+            self._quota[s] = quota
+        return self._answer(s)
+
+    def _report_known(self, s: int, held: Records, inventory: Optional[_Inventory]) -> bool:
+        """
+        The common case of an inventory, checked as a whole at C speed:
+        every record is a file C{s} already holds at the current version.
+        Then only the inventory's marks change, and this says True; else it
+        changes nothing and says False.
+        """
+        try:
+            ids = list(map(self._ids.__getitem__, held.paths))
+        except KeyError:
+            return False
+        # Arrays compare with memcmp; only gathering the ledger's side is per item.
+        if (array("q", _pick(self._size, ids)) != held.sizes
+                or array("q", _pick(self._mtime, ids)) != held.mtimes
+                or not all(map((1 << s).__and__, _pick(self._holders, ids)))):
+            return False
+        if inventory is not None:
+            inventory.current.update(ids)
+        return True
+
+    def _report_each(self, s: int, held: Records, inventory: Optional[_Inventory]) -> None:
+        """Apply C{held} record by record (new holdings, stale and unknown paths)."""
+        ids = self._ids
+        orphans = self._orphans[s]
+        pending = self._pending[s]
+        tell_stale = self._tell_stale[s]
+        tell_orphans = self._tell_orphans[s]
         bit = 1 << s
         holders = self._holders
         sizes = self._size
         mtimes = self._mtime
-        marks = inventory.marks if inventory is not None else bytearray()
-        nmarks = len(marks)
         scanned = self._scanned is not None
         claims = self._claims
+        stale = self._stale
         masks_get = self._masks.get
         intern = self._intern
         recount = self._recount
+        current = inventory.current if inventory is not None else None
         nfiles = nbytes = 0
-        for record in held:
-            path = record.path
+        for path, size, mtime in zip(held.paths, held.sizes, held.mtimes):
             i = ids.get(path)
             if i is None:
                 if inventory is not None:
                     inventory.paths.add(path)
                 if scanned:
-                    orphans[path] = record.version
+                    orphans[path] = (size, mtime)
                     tell_orphans[path] = None
                 else:
-                    pending[path] = record.version
+                    pending[path] = (size, mtime)
                 continue
-            if i < nmarks:
-                marks[i] = 1
-            if sizes[i] == record.size and mtimes[i] == record.mtime:
+            if sizes[i] == size and mtimes[i] == mtime:
+                if current is not None:
+                    current.add(i)
                 m = holders[i]
                 if m & bit:
                     continue  # already known: the common inventory case
@@ -663,15 +766,12 @@ class Ledger:
                     tell_stale.pop(path, None)
             else:
                 self._unhold(i, s)
-                stale[i] = record.version
+                stale.setdefault(i, {})[s] = (size, mtime)
                 tell_stale[path] = None
+                if inventory is not None:
+                    inventory.other.add(i)
         self._held_files[s] += nfiles
         self._held_bytes[s] += nbytes
-        if used is not None:
-            self._used[s] = used
-        if quota is not None:
-            self._quota[s] = quota
-        return self._answer(s)
 
     def inventory_finished(self, store: str) -> ReportAnswer:
         """
@@ -685,16 +785,17 @@ class Ledger:
             raise LedgerError(f"inventory_finished({store!r}) without inventory_started()")
         self._renew(s, now)
         self._inventory[s] = None
-        marks = inventory.marks
-        n = len(marks)
-        bit = 1 << s
+        reported = inventory.current
         paths = self._paths
-        for i, m in enumerate(self._holders):
-            if m & bit and i < n and not marks[i] and paths[i] not in inventory.paths:
-                self._unhold(i, s)
-        stale = self._stale[s]
-        for i in [i for i in stale if i < n and not marks[i] and paths[i] not in inventory.paths]:
-            del stale[i]
+        if len(reported) != self._held_files[s]:
+            # Something held was not reported (the reported are a subset).
+            bit = 1 << s
+            for i, m in enumerate(self._holders):
+                if m & bit and i not in reported and paths[i] not in inventory.paths:
+                    self._unhold(i, s)
+        for i in [i for i, st in self._stale.items()
+                  if s in st and i not in inventory.other and paths[i] not in inventory.paths]:
+            self._drop_stale(i, s)
         for d in (self._orphans[s], self._pending[s]):
             for path in [p for p in d if p not in inventory.paths]:
                 del d[path]
@@ -715,87 +816,111 @@ class Ledger:
             ids.append(i)
         return paths, ids
 
+    def _tier(self, c: int, lo: int, hi: int) -> Iterator[int]:
+        """The ids in [C{lo}, C{hi}) of the files in tier C{c}, ascending."""
+        if c < _CAP:
+            find = self._count.find
+            b = _BYTE[c]
+            i = find(b, lo, hi)
+            while i >= 0:
+                yield i
+                i = find(b, i + 1, hi)
+        else:
+            yield from sorted(i for i, n in self._big.items() if n == c and lo <= i < hi)
+
+    def _decode(
+        self, cursor: Optional[bytes], expected: int
+    ) -> Optional[tuple[int, int, int, int]]:
+        if cursor is None:
+            return None
+        try:
+            tag, c, start, pos, wrapped = _CURSOR.unpack(cursor)
+        except (struct.error, TypeError):
+            raise BadCursor(cursor) from None
+        if tag != expected or wrapped > 1 or start > len(self._paths):
+            raise BadCursor(cursor)
+        if wrapped and pos > start:
+            raise BadCursor(cursor)
+        return c, start, pos, wrapped
+
+    def _walk(
+        self, tiers, origin: int, resume: Optional[tuple[int, int, int, int]], tag: int
+    ) -> Iterator[tuple[int, int, list[tuple[int, int, int]]]]:
+        """
+        How to walk C{tiers} in order, each as a ring of ids starting at
+        C{origin}, or for the first from where the cursor C{resume} stopped:
+        C{(tier, ring start, spans)}, each span C{(lo, hi, wrapped)} a range
+        of ids to walk in order.  A cursor after id C{i} of a span is
+        C{_CURSOR.pack(tag, tier, start, i + 1, wrapped)}.
+        """
+        n = len(self._paths)
+        for c in tiers:
+            if resume is not None and c != resume[0]:
+                if (c < resume[0]) if tag == _CURSOR_TAG else (c > resume[0]):
+                    continue  # listed before the cursor's tier
+            if resume is not None and c == resume[0]:
+                _, start, pos, wrapped = resume
+            else:
+                start, pos, wrapped = origin % n, origin % n, 0
+            yield c, start, ([(pos, n, 0), (0, start, 1)] if not wrapped else [(pos, start, 1)])
+            resume = None
+
     def needs(
         self, store: str, cursor: Optional[bytes], limit: int
-    ) -> tuple[list[Need], Optional[bytes]]:
+    ) -> tuple[Needs, Optional[bytes]]:
         """
-        Up to C{limit} files C{store} should fetch, rarest first (by
-        L{rank}), skipping what its host holds or claims; and a cursor for
-        the next page, or C{None} at the end.  Inside one tier the order is a
-        rotation of the hash order that differs per store, so stores asking
+        Up to C{limit} files C{store} should fetch, rarest first (fewest live
+        copies, claims included), skipping what its host holds or claims; and
+        a cursor for the next page, or C{None} at the end.  Inside one tier
+        the files come in id order as a ring, starting after the store's
+        last claim (at first at an offset of its own), so stores asking
         together get different files.  Surplus files come last (greedy
         fill).  A page may be short, with a cursor, when a call has examined
         many files its host already holds.
         """
         s = self._store(store)
         self._tick()
-        start = self._decode(cursor, _CURSOR_TAG)
-        if self._safe or limit <= 0:
-            return [], None
+        resume = self._decode(cursor, _CURSOR_TAG)
+        if self._safe or limit <= 0 or not self._ids:
+            return Needs.of(()), None
         mine = self._same_host[s]
-        salt = self._salt[s]
-        b0 = salt >> _BUCKET_SHIFT
         holders = self._holders
-        hashes = self._hash
         claims = self._claims
-        paths = self._paths
-        sizes = self._size
-        mtimes = self._mtime
-        wanted = self.copies
         budget = _SCAN_BUDGET
-        out: list[Need] = []
-        for c in sorted(self._tiers, key=lambda c: rank(c, wanted)):
-            tier = self._tiers[c]
-            if not tier.files or (start is not None and c < start[0]):
-                continue
-            resume = start is not None and c == start[0]
-            r0 = start[1] if resume else 0
-            order = tier.order
-            split = bisect_left(order, b0)
-            if b0 + r0 < _BUCKETS:
-                first = order[bisect_left(order, b0 + r0):]
-                rest = order[:split]
-            else:
-                first = []
-                rest = order[bisect_left(order, b0 + r0 - _BUCKETS):split]
-            for b in first + rest:
-                r = (b - b0) % _BUCKETS
-                bucket = tier.buckets[b]
-                budget -= len(bucket)
-                keyed = sorted(
-                    ((hashes[i] - salt) & _M32, i) for i in bucket if not holders[i] & mine
-                )
-                if resume and r == r0:
-                    after = (start[2], start[3])
-                    keyed = [e for e in keyed if e > after]
-                for k, i in keyed:
-                    claimers = claims.get(i)
-                    if claimers and any(mine >> t & 1 for t in claimers):
-                        continue
-                    out.append(Need(paths[i], sizes[i], mtimes[i], c, wanted))
-                    if len(out) >= limit:
-                        return out, _CURSOR.pack(_CURSOR_TAG, c, r, k, i)
-                if budget <= 0:
-                    return out, _CURSOR.pack(_CURSOR_TAG, c, r, _M32, 2**64 - 1)
-        return out, None
+        out: list[int] = []
+        tiers: list[int] = []
+        for c, start, spans in self._walk(sorted(self._tally), self._resume[s], resume,
+                                          _CURSOR_TAG):
+            for lo, hi, wrapped in spans:
+                for i in self._tier(c, lo, hi):
+                    budget -= 1
+                    if not holders[i] & mine:
+                        claimers = claims.get(i)
+                        if not claimers or not any(mine >> t & 1 for t in claimers):
+                            out.append(i)
+                            tiers.append(c)
+                            if len(out) >= limit:
+                                break
+                    if budget <= 0:
+                        break
+                else:
+                    continue
+                after = _CURSOR.pack(_CURSOR_TAG, c, start, i + 1, wrapped)
+                return self._needs(out, tiers), after
+        return self._needs(out, tiers), None
 
-    @staticmethod
-    def _decode(
-        cursor: Optional[bytes], expected: int
-    ) -> Optional[tuple[int, int, int, int]]:
-        if cursor is None:
-            return None
-        try:
-            tag, c, r, k, i = _CURSOR.unpack(cursor)
-        except (struct.error, TypeError):
-            raise BadCursor(cursor) from None
-        if tag != expected or r >= _BUCKETS:
-            raise BadCursor(cursor)
-        return c, r, k, i
+    def _needs(self, ids: list[int], copies: list[int]) -> Needs:
+        return Needs(
+            list(_pick(self._paths, ids)),
+            array("q", _pick(self._size, ids)),
+            array("q", _pick(self._mtime, ids)),
+            array("I", copies),
+            array("I", [self.copies]) * len(ids),
+        )
 
     def surplus(
         self, store: str, cursor: Optional[bytes], limit: int
-    ) -> tuple[list[Need], Optional[bytes]]:
+    ) -> tuple[Needs, Optional[bytes]]:
         """
         Up to C{limit} files C{store} holds at the current version that have
         more live copies than C{copies}, most copies first; and a cursor for
@@ -806,31 +931,24 @@ class Ledger:
         stores, current version; claims do not count), the count L{drop}
         decides by: a live store's file is listed exactly when L{drop} would
         grant it now.  C{wanted} is C{copies}.  Inside one count the order
-        is a per-store rotation of the hash order, as in L{needs}.  Nothing
-        in safemode.  A page may be short, with a cursor, when a call has
+        is a ring of ids from an offset of the store's own.  Nothing in
+        safemode.  A page may be short, with a cursor, when a call has
         examined many files the store does not hold.
         """
         s = self._store(store)
         self._tick()
-        start = self._decode(cursor, _SURPLUS_TAG)
+        resume = self._decode(cursor, _SURPLUS_TAG)
         if self._safe or limit <= 0 or not self._held_files[s]:
-            return [], None
+            return Needs.of(()), None
         bit = 1 << s
         wanted = self.copies
-        salt = self._salt[s]
-        b0 = salt >> _BUCKET_SHIFT
         holders = self._holders
-        hashes = self._hash
         claims = self._claims
-        paths = self._paths
-        sizes = self._size
-        mtimes = self._mtime
-        tiers = self._tiers
         live = self._live
         ncopies = self._ncopies
         # A claim raises a file's tier above its real count: claimed files
         # this store holds are placed by their real count, apart from tiers.
-        extra: dict[int, dict[int, list[int]]] = {}  # count -> bucket -> ids
+        extra: dict[int, list[int]] = {}
         for i in claims:
             m = holders[i]
             if m & bit:
@@ -839,48 +957,34 @@ class Ledger:
                 if n is None:
                     n = self._hosts_in(m)
                 if n > wanted:
-                    b = hashes[i] >> _BUCKET_SHIFT
-                    extra.setdefault(n, {}).setdefault(b, []).append(i)
-        counts = {c for c, t in tiers.items() if c > wanted and t.files}
-        counts.update(extra)
+                    extra.setdefault(n, []).append(i)
+        for ids in extra.values():
+            ids.sort()
+        tiers = sorted({c for c in self._tally if c > wanted}.union(extra), reverse=True)
         budget = _SCAN_BUDGET
-        out: list[Need] = []
-        for c in sorted(counts, reverse=True):
-            if start is not None and c > start[0]:
-                continue
-            tier = tiers.get(c)
-            buckets = tier.buckets if tier is not None else {}
-            more = extra.get(c)
-            order = tier.order if tier is not None else []
-            if more:
-                order = sorted(set(order).union(more))
-            resume = start is not None and c == start[0]
-            r0 = start[1] if resume else 0
-            split = bisect_left(order, b0)
-            if b0 + r0 < _BUCKETS:
-                first = order[bisect_left(order, b0 + r0):]
-                rest = order[:split]
-            else:
-                first = []
-                rest = order[bisect_left(order, b0 + r0 - _BUCKETS):split]
-            for b in first + rest:
-                r = (b - b0) % _BUCKETS
-                bucket = buckets.get(b, ())
-                budget -= len(bucket)
-                found = [i for i in bucket if holders[i] & bit and i not in claims]
-                if more and b in more:
-                    found.extend(more[b])
-                keyed = sorted(((hashes[i] - salt) & _M32, i) for i in found)
-                if resume and r == r0:
-                    after = (start[2], start[3])
-                    keyed = [e for e in keyed if e > after]
-                for k, i in keyed:
-                    out.append(Need(paths[i], sizes[i], mtimes[i], c, wanted))
-                    if len(out) >= limit:
-                        return out, _CURSOR.pack(_SURPLUS_TAG, c, r, k, i)
-                if budget <= 0:
-                    return out, _CURSOR.pack(_SURPLUS_TAG, c, r, _M32, 2**64 - 1)
-        return out, None
+        out: list[int] = []
+        counts: list[int] = []
+        for c, start, spans in self._walk(tiers, self._offset[s], resume, _SURPLUS_TAG):
+            more = extra.get(c, ())
+            for lo, hi, wrapped in spans:
+                walk = ((i, False) for i in self._tier(c, lo, hi))
+                if more:
+                    walk = merge(walk, [(i, True) for i in more if lo <= i < hi])
+                for i, added in walk:
+                    budget -= 1
+                    # A claimed file counts by its real count: only as one of extra.
+                    if added or (holders[i] & bit and i not in claims):
+                        out.append(i)
+                        counts.append(c)
+                        if len(out) >= limit:
+                            break
+                    if budget <= 0:
+                        break
+                else:
+                    continue
+                after = _CURSOR.pack(_SURPLUS_TAG, c, start, i + 1, wrapped)
+                return self._needs(out, counts), after
+        return self._needs(out, counts), None
 
     def claim(self, store: str, paths: Iterable[bytes], fill: bool = False) -> list[bytes]:
         """
@@ -893,7 +997,9 @@ class Ledger:
         meanwhile) is refused, so it does not become an unplanned surplus
         copy.  A grant counts as a copy on its host for C{claim_ttl}
         seconds, so other stores do not fetch the same file meanwhile;
-        claiming again renews it (whatever C{fill}).  Nothing in safemode.
+        claiming again renews it (whatever C{fill}).  The store's next
+        listing of needs starts after the last file granted.  Nothing in
+        safemode.
         """
         s = self._store(store)
         now = self._tick()
@@ -902,25 +1008,35 @@ class Ledger:
             return []
         mine = self._same_host[s]
         deadline = now + self._claim_ttl
-        granted = []
+        claims = self._claims
+        copies = self.copies
+        granted: list[bytes] = []
+        granted_ids: list[int] = []
         for path, i in zip(paths, ids):
-            claimers = self._claims.get(i)
+            claimers = claims.get(i)
             if claimers is not None and s in claimers:
                 claimers[s] = deadline
-                heappush(self._claim_heap, (deadline, i, s))
                 granted.append(path)
+                granted_ids.append(i)
                 continue
             if self._holders[i] & mine:
                 continue
             if claimers and any(mine >> t & 1 for t in claimers):
                 continue
-            if self._count[i] >= self.copies and (not fill or self._under()):
+            if self._copies(i) >= copies and (not fill or self._under()):
                 continue
-            self._claims.setdefault(i, {})[s] = deadline
-            heappush(self._claim_heap, (deadline, i, s))
+            if claimers is None:
+                claims[i] = {s: deadline}
+            else:
+                claimers[s] = deadline
             self._claim_count[s] += 1
             self._recount(i)
             granted.append(path)
+            granted_ids.append(i)
+        if granted_ids:
+            heappush(self._claim_heap,
+                     (deadline, next(self._claim_seq), s, tuple(granted_ids)))
+            self._resume[s] = granted_ids[-1] + 1
         return granted
 
     def release(self, store: str, paths: Iterable[bytes]) -> None:
@@ -952,7 +1068,6 @@ class Ledger:
             return []
         bit = 1 << s
         others = ~self._same_host[s]
-        stale = self._stale[s]
         granted = []
         for path in paths:
             i = self._ids.get(path)
@@ -961,8 +1076,7 @@ class Ledger:
                     del orphans[path]
                     self._tell_orphans[s].pop(path, None)
                     granted.append(path)
-            elif i in stale:
-                del stale[i]
+            elif self._drop_stale(i, s) is not None:
                 self._tell_stale[s].pop(path, None)
                 granted.append(path)
             elif self._holders[i] & bit:
@@ -979,12 +1093,10 @@ class Ledger:
         live copies (real holdings only, claims excluded) -> [files, bytes].
         """
         self._tick()
-        histogram: dict[int, list[int]] = {
-            c: [t.files, t.bytes] for c, t in self._tiers.items() if t.files
-        }
+        histogram: dict[int, list[int]] = {c: list(t) for c, t in self._tally.items()}
         for i in self._claims:
             real = self._hosts_in(self._holders[i] & self._live)
-            c = self._count[i]
+            c = self._copies(i)
             if real != c:
                 size = self._size[i]
                 histogram[c][0] -= 1

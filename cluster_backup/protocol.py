@@ -12,8 +12,9 @@ L{Status} serves C{cbackup status}.
 
 Every AMP value is at most 65,535 bytes, so every list travels in pages
 filled to L{PAGE_BUDGET} bytes by the C{page_*} helpers, and paths travel as
-bytes in a compact length-prefixed encoding (L{PathList}, L{RecordList},
-L{NeedList}) that is checked with L{relpath_problem} on the way in and out.
+bytes in a compact columnar encoding (L{PathList}, L{RecordList},
+L{NeedList}) whose paths are checked as L{relpath_problem} does, on the way
+in and out.
 
 This module holds only what both ends must agree on: errors, limits,
 argument encodings, the L{amp.Command}s and L{auth_mac}.  The server side
@@ -26,13 +27,20 @@ from __future__ import annotations
 
 import hmac
 import struct
+import sys
+from array import array
+from bisect import bisect_right
 from hashlib import sha256
-from typing import Callable, Iterable, Sequence, TypeVar
+from itertools import accumulate
+from typing import Iterable, Iterator, Sequence
 
 from attrs import field, frozen
 from twisted.protocols import amp
 
-from .records import FileRecord, Need, relpath_problem
+from .records import FileRecord, Need, Needs, Records, relpath_problem
+
+#: Linux PATH_MAX: the longest relative path L{relpath_problem} accepts.
+MAX_PATH = 4096
 
 #: Version of this conversation, sent in L{Hello}.
 PROTOCOL_VERSION = 1
@@ -132,10 +140,25 @@ _STORE_ERRORS = {
 
 
 # ---------------------------------------------------------------- encoding
+#
+# An empty list is an empty value.  Any other list value is a 4-byte
+# big-endian count, then one block per number column (that many
+# little-endian integers: 64-bit sizes and mtimes, 32-bit copies), then
+# every path followed by a NUL.  Columns, not rows: a page of
+# thousands of items is encoded and decoded by a few C-level calls
+# (array.frombytes, bytes.split) instead of a Python step per item, and its
+# paths are checked by a few substring searches over the joined bytes.
 
-_PATH = struct.Struct(">H")  # path length
-_RECORD = struct.Struct(">HQq")  # path length, size, mtime
-_NEED = struct.Struct(">HQqII")  # path length, size, mtime, copies, wanted
+_COUNT = struct.Struct(">I")
+
+#: Bytes of an encoded list (of at least one item) before its items.
+LIST_HEADER = _COUNT.size
+
+_BIG_ENDIAN = sys.byteorder == "big"
+assert array("q").itemsize == 8 and array("I").itemsize == 4
+
+#: Bytes each kind of item takes besides its path and the path's NUL.
+_PATH_FIXED, _RECORD_FIXED, _NEED_FIXED = 0, 16, 24
 
 
 def _checked(path: bytes) -> bytes:
@@ -146,91 +169,156 @@ def _checked(path: bytes) -> bytes:
     return path
 
 
+def _check_joined(paths: Sequence[bytes], joined: bytes) -> None:
+    """
+    Raise L{BadPath} for the first of C{paths} that L{relpath_problem}
+    refuses.  C{joined} is the paths, each followed by a NUL, and holds no
+    other NUL.  Every refused path either is too long or, with the NULs read
+    as slashes, puts C{//}, C{/./} or C{/../} into C{"/" + joined}; a page
+    with neither is clear at C speed, and only a suspect one is checked path
+    by path.
+    """
+    if not paths:
+        return
+    slashed = b"/" + joined.replace(b"\0", b"/")
+    # No "/." at all (the usual page) rules out "/./" and "/../" in one scan.
+    if (b"//" in slashed or (b"/." in slashed and (b"/./" in slashed or b"/../" in slashed))
+            or max(map(len, paths)) > MAX_PATH):
+        for path in paths:
+            _checked(path)
+
+
+def _join(paths: Sequence[bytes]) -> bytes:
+    """The paths, each followed by a NUL, after checking them."""
+    if not paths:
+        return b""
+    try:
+        joined = b"\0".join(paths) + b"\0"
+    except TypeError:  # a str, say: name it
+        for path in paths:
+            _checked(path)
+        raise
+    if joined.count(b"\0") != len(paths):
+        for path in paths:
+            _checked(path)  # the one holding a NUL
+    _check_joined(paths, joined)
+    return joined
+
+
+def _encode(paths: Sequence[bytes], numbers: Sequence[array]) -> bytes:
+    if not paths:
+        return b""
+    parts = [_COUNT.pack(len(paths))]
+    for column in numbers:
+        if _BIG_ENDIAN:
+            column = array(column.typecode, column)
+            column.byteswap()
+        parts.append(column.tobytes())
+    parts.append(_join(paths))
+    return b"".join(parts)
+
+
+def _decode(data: bytes, codes: str, what: str) -> tuple[list[bytes], list[array]]:
+    """Split C{data} into its paths and number columns, checking both."""
+    if not data:
+        return [], [array(code) for code in codes]
+    if len(data) < LIST_HEADER:
+        raise BadArgument(f"truncated {what} list: {len(data)} bytes")
+    (count,) = _COUNT.unpack_from(data)
+    view = memoryview(data)
+    offset = LIST_HEADER
+    numbers = []
+    for code in codes:
+        column = array(code)
+        end = offset + count * column.itemsize
+        if end > len(data):
+            raise BadArgument(f"truncated {what} list: {count} items need over {len(data)} bytes")
+        column.frombytes(view[offset:end])
+        if _BIG_ENDIAN:
+            column.byteswap()
+        numbers.append(column)
+        offset = end
+    if not count:
+        raise BadArgument(f"an empty {what} list must be an empty value")
+    rest = data[offset:]
+    if not rest.endswith(b"\0"):
+        raise BadArgument(f"{what} list does not end with a NUL")
+    paths = rest[:-1].split(b"\0")
+    if len(paths) != count:
+        raise BadArgument(f"{what} list of {count} items holds {len(paths)} paths")
+    _check_joined(paths, rest)
+    return paths, numbers
+
+
+_NON_NEGATIVE = bytes(range(128))
+
+
+def _no_negative(column: array, what: str) -> None:
+    """Refuse a 64-bit column holding a negative number (by sign bytes, at C speed)."""
+    data = column.tobytes()
+    signs = data[0::8] if _BIG_ENDIAN else data[7::8]
+    if signs.translate(None, _NON_NEGATIVE):
+        raise BadArgument(f"{what} out of range: negative")
+
+
 def path_size(path: bytes) -> int:
-    """Bytes C{path} takes in an encoded L{PathList}."""
-    return _PATH.size + len(path)
+    """Bytes C{path} adds to an encoded L{PathList} (after L{LIST_HEADER})."""
+    return _PATH_FIXED + len(path) + 1
 
 
 def record_size(record: FileRecord) -> int:
-    """Bytes C{record} takes in an encoded L{RecordList}."""
-    return _RECORD.size + len(record.path)
+    """Bytes C{record} adds to an encoded L{RecordList} (after L{LIST_HEADER})."""
+    return _RECORD_FIXED + len(record.path) + 1
 
 
 def need_size(need: Need) -> int:
-    """Bytes C{need} takes in an encoded L{NeedList}."""
-    return _NEED.size + len(need.path)
+    """Bytes C{need} adds to an encoded L{NeedList} (after L{LIST_HEADER})."""
+    return _NEED_FIXED + len(need.path) + 1
 
 
 def encode_paths(paths: Iterable[bytes]) -> bytes:
-    """Encode paths as (2-byte big-endian length, bytes) pairs."""
-    out = []
-    for path in paths:
-        _checked(path)
-        out.append(_PATH.pack(len(path)))
-        out.append(path)
-    return b"".join(out)
+    """Encode relative paths; raises L{BadPath} for one that is not."""
+    return _encode(list(paths), ())
 
 
 def encode_records(records: Iterable[FileRecord]) -> bytes:
-    """Encode file records as (length, size, mtime, path) tuples."""
-    out = []
+    """Encode file records (L{FileRecord}s or L{Records})."""
     try:
-        for r in records:
-            if not isinstance(r, FileRecord):  # a FileRecord checked its path
-                _checked(r.path)
-            out.append(_RECORD.pack(len(r.path), r.size, r.mtime))
-            out.append(r.path)
-    except struct.error as e:
+        columns = Records.of(records)
+    except ValueError as e:
         raise BadArgument(f"record out of range: {e}") from None
-    return b"".join(out)
+    _no_negative(columns.sizes, "record size")
+    return _encode(columns.paths, (columns.sizes, columns.mtimes))
 
 
 def encode_needs(needs: Iterable[Need]) -> bytes:
-    """Encode needs as (length, size, mtime, copies, wanted, path) tuples."""
-    out = []
+    """Encode needs (L{Need}s or L{Needs})."""
     try:
-        for n in needs:
-            out.append(
-                _NEED.pack(len(_checked(n.path)), n.size, n.mtime, n.copies, n.wanted)
-            )
-            out.append(n.path)
-    except struct.error as e:
+        columns = Needs.of(needs)
+    except ValueError as e:
         raise BadArgument(f"need out of range: {e}") from None
-    return b"".join(out)
-
-
-def _decode(data: bytes, head: struct.Struct, what: str, check=True) -> list[tuple]:
-    """Split C{data} into (header fields..., path) tuples, checking paths."""
-    items = []
-    offset, end = 0, len(data)
-    while offset < end:
-        if end - offset < head.size:
-            raise BadArgument(f"truncated {what} list at byte {offset}")
-        fields = head.unpack_from(data, offset)
-        offset += head.size
-        length = fields[0]
-        if end - offset < length:
-            raise BadArgument(f"truncated {what} list at byte {offset}")
-        path = data[offset : offset + length]
-        offset += length
-        items.append(fields[1:] + ((_checked(path) if check else path),))
-    return items
+    _no_negative(columns.sizes, "need size")
+    return _encode(columns.paths,
+                   (columns.sizes, columns.mtimes, columns.copies, columns.wanted))
 
 
 def decode_paths(data: bytes) -> list[bytes]:
     """Inverse of L{encode_paths}; raises L{BadPath} or L{BadArgument}."""
-    return [path for (path,) in _decode(data, _PATH, "path")]
+    return _decode(data, "", "path")[0]
 
 
-def decode_records(data: bytes) -> list[FileRecord]:
+def decode_records(data: bytes) -> Records:
     """Inverse of L{encode_records}; raises L{BadPath} or L{BadArgument}."""
-    # _decode has checked every path: no need for FileRecord to check again.
-    return [FileRecord.unchecked(p, s, m) for s, m, p in _decode(data, _RECORD, "record")]
+    paths, (sizes, mtimes) = _decode(data, "qq", "record")
+    _no_negative(sizes, "record size")
+    return Records(paths, sizes, mtimes)
 
 
-def decode_needs(data: bytes) -> list[Need]:
+def decode_needs(data: bytes) -> Needs:
     """Inverse of L{encode_needs}; raises L{BadPath} or L{BadArgument}."""
-    return [Need(p, s, m, c, w) for s, m, c, w, p in _decode(data, _NEED, "need")]
+    paths, (sizes, mtimes, copies, wanted) = _decode(data, "qqII", "need")
+    _no_negative(sizes, "need size")
+    return Needs(paths, sizes, mtimes, copies, wanted)
 
 
 class _Encoded(amp.Argument):
@@ -259,14 +347,14 @@ class PathList(_Encoded):
 
 
 class RecordList(_Encoded):
-    """An AMP argument holding a list of L{FileRecord}s."""
+    """An AMP argument holding L{FileRecord}s; decoded as L{Records}."""
 
     def __init__(self, optional=False):
         super().__init__(encode_records, decode_records, optional)
 
 
 class NeedList(_Encoded):
-    """An AMP argument holding a list of L{Need}s."""
+    """An AMP argument holding L{Need}s; decoded as L{Needs}."""
 
     def __init__(self, optional=False):
         super().__init__(encode_needs, decode_needs, optional)
@@ -274,60 +362,57 @@ class NeedList(_Encoded):
 
 # ---------------------------------------------------------------- paging
 
-T = TypeVar("T")
 
-
-def paginate(
-    items: Iterable[T], size: Callable[[T], int], budget: int = PAGE_BUDGET
-) -> list[list[T]]:
+def _bounds(paths: Sequence[bytes], fixed: int, budget: int) -> Iterator[tuple[int, int]]:
     """
-    Split C{items} in order into pages whose sizes add up to at most
-    C{budget}, each page filled greedily.  No items, no pages.
+    C{(start, end)} of consecutive pages of items (with C{paths}, each item
+    taking C{fixed} bytes more than its path and NUL) whose encodings take at
+    most C{budget} bytes each, each page filled greedily.
 
     @raise ValueError: if one item alone is bigger than C{budget}.
     """
-    pages: list[list[T]] = []
-    page: list[T] = []
-    used = 0
-    for item in items:
-        n = size(item)
-        if n > budget:
-            raise ValueError(f"one item takes {n} bytes, over the {budget} budget")
-        if used + n > budget:
-            pages.append(page)
-            page, used = [], 0
-        page.append(item)
-        used += n
-    if page:
-        pages.append(page)
-    return pages
+    room = budget - LIST_HEADER
+    each = fixed + 1
+    lengths = list(accumulate(map(len, paths)))  # of the paths alone, at C speed
+    n = len(lengths)
+
+    def used(j: int) -> int:  # bytes of items 0..j
+        return lengths[j] + (j + 1) * each
+
+    start, base = 0, 0
+    while start < n:
+        end = bisect_right(range(n), base + room, start, key=used)
+        if end == start:
+            size = used(start) - base + LIST_HEADER
+            raise ValueError(f"one item takes {size} bytes, over the {budget} budget")
+        yield start, end
+        start, base = end, used(end - 1)
 
 
 def page_paths(paths: Iterable[bytes], budget: int = PAGE_BUDGET) -> list[list[bytes]]:
     """Pages of C{paths} that each encode in at most C{budget} bytes."""
-    return paginate(paths, path_size, budget)
+    paths = list(paths)
+    return [paths[a:b] for a, b in _bounds(paths, _PATH_FIXED, budget)]
 
 
-def page_records(
-    records: Iterable[FileRecord], budget: int = PAGE_BUDGET
-) -> list[list[FileRecord]]:
-    """Pages of C{records} that each encode in at most C{budget} bytes."""
-    return paginate(records, record_size, budget)
+def page_records(records: Iterable[FileRecord], budget: int = PAGE_BUDGET) -> list[Records]:
+    """Pages of C{records} (as L{Records}) that each encode in at most C{budget} bytes."""
+    columns = Records.of(records)
+    return [columns[a:b] for a, b in _bounds(columns.paths, _RECORD_FIXED, budget)]
 
 
-def page_needs(needs: Iterable[Need], budget: int = PAGE_BUDGET) -> list[list[Need]]:
-    """Pages of C{needs} that each encode in at most C{budget} bytes."""
-    return paginate(needs, need_size, budget)
+def page_needs(needs: Iterable[Need], budget: int = PAGE_BUDGET) -> list[Needs]:
+    """Pages of C{needs} (as L{Needs}) that each encode in at most C{budget} bytes."""
+    columns = Needs.of(needs)
+    return [columns[a:b] for a, b in _bounds(columns.paths, _NEED_FIXED, budget)]
 
 
-def fitting(items: Sequence[T], size: Callable[[T], int], budget: int) -> int:
-    """How many of the first C{items} fit in C{budget} bytes."""
-    used = 0
-    for i, item in enumerate(items):
-        used += size(item)
-        if used > budget:
-            return i
-    return len(items)
+def needs_fitting(needs: Iterable[Need], budget: int = PAGE_BUDGET) -> int:
+    """How many of the first C{needs} encode in at most C{budget} bytes."""
+    columns = Needs.of(needs)
+    for _, end in _bounds(columns.paths, _NEED_FIXED, budget):
+        return end
+    return 0
 
 
 # ---------------------------------------------------------------- commands

@@ -31,6 +31,7 @@ from .protocol import (
     CLAIM_TTL,
     COMMANDS,
     INVENTORY_MARKS,
+    LIST_HEADER,
     MAX_AUTH_FAILURES,
     MAX_NEEDS_LIMIT,
     NONCE_BYTES,
@@ -56,8 +57,7 @@ from .protocol import (
     UnknownStore,
     UnsupportedVersion,
     auth_mac,
-    fitting,
-    need_size,
+    needs_fitting,
     path_size,
 )
 from .records import FileRecord, LedgerAPI, Need
@@ -387,7 +387,7 @@ class ServerProtocol(amp.AMP):
             needs, after = listing(store, cursor, limit)
             # The ledger's cursor is opaque, so when its page is too big to
             # send, ask again for only as many needs as fit.
-            while len(needs) > (fit := fitting(needs, need_size, PAGE_BUDGET)):
+            while len(needs) > (fit := needs_fitting(needs, PAGE_BUDGET)):
                 if len(needs) > limit:
                     raise RuntimeError("ledger returned more needs than asked for")
                 limit = fit
@@ -516,7 +516,7 @@ class _ledger_errors:
 
 def _take(queue: deque, budget: int) -> list[bytes]:
     """Pop paths off C{queue} while they fit in C{budget} encoded bytes."""
-    out, used = [], 0
+    out, used = [], LIST_HEADER
     while queue and used + path_size(queue[0]) <= budget:
         path = queue.popleft()
         out.append(path)

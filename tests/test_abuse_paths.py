@@ -28,6 +28,7 @@ from cluster_backup.transfer import files_from_bytes
 from tests import slow
 from tests.abuse_harness import record, snapshot
 from tests.harness import Twistd, free_port, sleep, wait_for
+from tests.wire import raw_needs as raw_needs_of, raw_paths, raw_records
 
 #: Names a hostile peer may send, none of which may reach a disk.
 BAD = [b"..", b"../../escape", b"/etc/passwd", b"a/../../b", b"a/./b", b"a//b", b"a/",
@@ -37,13 +38,8 @@ ODD = [b"caf\xe9", b"new\nline", b"-rf", b"#comment", b";semi", b"sp ace", b"\\x
        b"a" * 255, b"/".join([b"d"] * 2000)]
 
 
-def raw_paths(paths) -> bytes:
-    return b"".join(struct.pack(">H", len(p) & 0xFFFF) + p for p in paths)
-
-
 def raw_needs(paths, size=10, mtime=1_700_000_000) -> bytes:
-    return b"".join(struct.pack(">HQqII", len(p) & 0xFFFF, size, mtime, 0, 1) + p
-                    for p in paths)
+    return raw_needs_of((p, size, mtime, 0, 1) for p in paths)
 
 
 class DecodingTests(SynchronousTestCase):
@@ -54,11 +50,10 @@ class DecodingTests(SynchronousTestCase):
         for path in BAD:
             for decode, data in ((protocol.decode_paths, raw_paths([path])),
                                  (protocol.decode_needs, raw_needs([path])),
-                                 (protocol.decode_records,
-                                  struct.pack(">HQq", len(path) & 0xFFFF, 1, 1) + path)):
+                                 (protocol.decode_records, raw_records([(path, 1, 1)]))):
                 with self.assertRaises(BadArgument, msg=repr(path[:50])) as caught:
                     decode(data)
-                if len(path) <= 0xFFFF:
+                if b"\0" not in path:  # a NUL splits it: a malformed list
                     self.assertIsInstance(caught.exception, BadPath)
                 refused += 1
             with self.assertRaises(BadPath):

@@ -30,6 +30,7 @@ from tests import slow
 from tests.abuse_harness import (
     Closed, RawAMP, Shared, count_tests, encode_box, record, wait_until)
 from tests.harness import Twistd, free_port
+from tests import wire
 
 ADDRESS = "127.0.0.80"
 SECRET = b"abuse-protocol-secret-91c7"
@@ -117,17 +118,9 @@ def _start():
 
 # --- strategies ----------------------------------------------------------------
 
-def _raw_list(items) -> bytes:
-    return b"".join(struct.pack(">H", len(p) & 0xFFFF) + p for p in items)
-
-
-def _raw_records(items) -> bytes:
-    return b"".join(struct.pack(">HQq", len(p) & 0xFFFF, s, m) + p for p, s, m in items)
-
-
-def _raw_needs(items) -> bytes:
-    return b"".join(struct.pack(">HQqII", len(p) & 0xFFFF, s, m, c, w) + p
-                    for p, s, m, c, w in items)
+_raw_list = wire.raw_paths
+_raw_records = wire.raw_records
+_raw_needs = wire.raw_needs
 
 
 paths = st.one_of(st.sampled_from(BAD_PATHS + ODD_PATHS + [b"a.txt", b"sub/b", b"nope"]),

@@ -543,6 +543,27 @@ class InventoryTests(SynchronousTestCase):
         self.assertRaises(UnknownPath, ledger.drop, "b:/1", [b"old"])
         self.assertEqual(ledger.drop("b:/1", [b"h"]), [])
 
+    def test_rescan_during_an_inventory(self):
+        """Files removed, changed or reused mid-inventory: only what was reported stays."""
+        files = [b"f%d" % n for n in range(6)]
+        ledger, _ = make(copies=1, files=files)
+        ledger.report("b:/1", [rec(p) for p in files])
+        ledger.inventory_started("b:/1")
+        ledger.report("b:/1", [rec(p) for p in files[:4]])  # all known: the fast path
+        # f0 is deleted and f1 changes; then a new file takes f0's freed id.
+        scan(ledger, [rec(b"f1", 20)] + [rec(p) for p in files[2:]])
+        scan(ledger, [rec(b"f1", 20)] + [rec(p) for p in files[2:]] + [rec(b"new")])
+        answer = ledger.inventory_finished("b:/1")
+        self.assertEqual((list(answer.stale), list(answer.orphans)), ([b"f1"], [b"f0"]))
+        status = {s.store: s for s in ledger.store_status()}["b:/1"]
+        self.assertEqual((status.files, status.bytes), (2, 20))  # f2, f3: f4, f5 unreported
+        self.assertEqual(ledger.status().histogram, {0: [4, 50], 1: [2, 20]})
+        self.assertEqual({n.path for n in needs_all(ledger, "c:/1")},
+                         {b"f1", b"f4", b"f5", b"new", b"f2", b"f3"})
+        # What b reported and still has may go: the orphan and the stale copy.
+        self.assertEqual(ledger.drop("b:/1", [b"f0", b"f1"]), [b"f0", b"f1"])
+        self.assertEqual(ledger.drop("b:/1", [b"new"]), [])
+
     def test_new_inventory_drops_the_stores_claims(self):
         """A client that restarted must not be kept from files by its own dead claims."""
         ledger, _ = make(copies=1, files=[b"f", b"g"])
@@ -810,6 +831,47 @@ class SurplusTests(SynchronousTestCase):
         self.assertRaises(UnknownStore, ledger.surplus, "x:/1", None, 10)
 
 
+class ScaleTests(SynchronousTestCase):
+    """Counts past a byte, and listings that move on after a claim."""
+
+    def test_more_than_255_copies_are_counted_exactly(self):
+        stores = {f"h{n}:/s": f"h{n}" for n in range(300)}
+        ledger, _ = make(copies=1, stores=stores, files=[b"f", b"g"])
+        for n in range(300):
+            ledger.report(f"h{n}:/s", [rec(b"f")] + ([rec(b"g")] if n < 256 else []))
+        self.assertEqual(ledger.status().histogram, {256: [1, 10], 300: [1, 10]})
+        self.assertEqual([(n.path, n.copies) for n in surplus_all(ledger, "h0:/s")],
+                         [(b"f", 300), (b"g", 256)])
+        self.assertEqual([(n.path, n.copies) for n in needs_all(ledger, "h299:/s")],
+                         [(b"g", 256)])
+        self.assertEqual(ledger.drop("h1:/s", [b"f"]), [b"f"])
+        self.assertEqual(ledger.status().histogram, {256: [1, 10], 299: [1, 10]})
+        for n in range(2, 256):  # down through the cap
+            ledger.drop(f"h{n}:/s", [b"g"])
+        self.assertEqual(ledger.status().histogram, {2: [1, 10], 299: [1, 10]})
+        self.assertEqual([n.copies for n in needs_all(ledger, "h299:/s")], [2])
+
+    def test_listing_starts_after_the_last_claim(self):
+        files = [b"f%03d" % n for n in range(100)]
+        ledger, _ = make(copies=1, files=files)
+        first = [n.path for n in ledger.needs("b:/1", None, 10)[0]]
+        self.assertEqual(first, [n.path for n in ledger.needs("b:/1", None, 10)[0]])
+        self.assertEqual(ledger.claim("b:/1", first[:5]), first[:5])
+        # b's own claims leave the tier; its next listing goes on after them
+        # and holds the five it did not claim last, then files new to it.
+        after = [n.path for n in ledger.needs("b:/1", None, 10)[0]]
+        self.assertEqual(after[:5], first[5:])
+        self.assertEqual(set(after) & set(first[:5]), set())
+        # With copies=2 b's claims stay in a listed tier: still not re-listed.
+        ledger2, _ = make(copies=2, files=files)
+        page = [n.path for n in ledger2.needs("b:/1", None, 10)[0]]
+        ledger2.claim("b:/1", page)
+        nxt = ledger2.needs("b:/1", None, 10)[0]
+        self.assertEqual(set(n.path for n in nxt) & set(page), set())
+        self.assertEqual({n.copies for n in nxt}, {0})
+        self.assertEqual(len(needs_all(ledger2, "b:/1")), 90)
+
+
 class RefusalTests(SynchronousTestCase):
     """Unknown stores and paths raise and change nothing."""
 
@@ -864,6 +926,8 @@ ops_st = st.lists(
         st.tuples(st.just("lose"), stores_st, paths_st),
         st.tuples(st.just("report"), stores_st),
         st.tuples(st.just("inventory"), stores_st),
+        st.tuples(st.just("begin"), stores_st),  # an inventory left open...
+        st.tuples(st.just("end"), stores_st),  # ...while other calls come
         st.tuples(st.just("advance"), st.sampled_from([1, 30, 200, 400, 4000])),
         st.tuples(
             st.just("rescan"),
@@ -886,6 +950,7 @@ class Model:
         self.last = {}
         self.claims = {}  # (store, path) -> deadline
         self.inventoried = set()
+        self.open = set()  # stores with an inventory begun and not ended
 
     @property
     def now(self):
@@ -962,6 +1027,23 @@ class ModelTests(SynchronousTestCase):
         ledger.inventory_started(store)
         ledger.report(store, [rec(p, *v) for p, v in sorted(model.truth[store].items())])
         ledger.inventory_finished(store)
+        model.inventoried.add(store)
+        model.open.discard(store)
+
+    def do_begin(self, ledger, model, store):
+        model.last[store] = model.now
+        for key in [k for k in model.claims if k[0] == store]:
+            del model.claims[key]
+        ledger.inventory_started(store)
+        ledger.report(store, [rec(p, *v) for p, v in sorted(model.truth[store].items())])
+        model.open.add(store)
+
+    def do_end(self, ledger, model, store):
+        if store not in model.open:
+            return
+        model.last[store] = model.now
+        ledger.inventory_finished(store)
+        model.open.discard(store)
         model.inventoried.add(store)
 
     def do_advance(self, ledger, model, seconds):

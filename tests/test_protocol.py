@@ -32,6 +32,7 @@ from cluster_backup.records import (
     relpath_problem,
 )
 from cluster_backup.responder import ServerFactory, ServerProtocol
+from tests import wire
 
 SECRET = b"s3cr3t-XYZZY-do-not-leak"
 SOURCE = "host1:/data"
@@ -830,11 +831,11 @@ class RawReport(amp.Command):
 
 
 def raw_paths(*paths: bytes) -> bytes:
-    return b"".join(struct.pack(">H", len(p)) + p for p in paths)
+    return wire.raw_paths(paths)
 
 
 def raw_records(*paths: bytes) -> bytes:
-    return b"".join(struct.pack(">HQq", len(p), 1, 1) + p for p in paths)
+    return wire.raw_records((p, 1, 1) for p in paths)
 
 
 BAD_PATHS = [
@@ -903,13 +904,20 @@ class RefusalTests(SynchronousTestCase):
             self.h.refused(d, P.NotYourStore)
         self.assertUnchanged()
 
+    def check_refusal(self, failure, bad):
+        """A bad name is a BadPath naming its problem; one with a NUL, a malformed list."""
+        if b"\0" in bad:
+            self.assertRegex(str(failure.value), r"list of \d+ items holds \d+ paths")
+        else:
+            self.assertIsInstance(failure.value, P.BadPath)
+            self.assertIn(relpath_problem(bad), str(failure.value))
+
     def test_bad_paths_refused_by_server(self):
         for bad in BAD_PATHS:
             d = self.h.client.callRemote(
                 RawClaim, source=SOURCE, store=STORE, paths=raw_paths(b"a.txt", bad)
             )
-            f = self.h.refused(d, P.BadPath)
-            self.assertIn(relpath_problem(bad), str(f.value))
+            self.check_refusal(self.h.refused(d, P.BadArgument), bad)
             d = self.h.client.callRemote(
                 RawReport,
                 source=SOURCE,
@@ -918,8 +926,7 @@ class RefusalTests(SynchronousTestCase):
                 removed=b"",
                 inventory="start+end",
             )
-            f = self.h.refused(d, P.BadPath)
-            self.assertIn(relpath_problem(bad), str(f.value))
+            self.check_refusal(self.h.refused(d, P.BadArgument), bad)
             d = self.h.client.callRemote(
                 RawReport,
                 source=SOURCE,
@@ -928,7 +935,7 @@ class RefusalTests(SynchronousTestCase):
                 removed=raw_paths(bad),
                 inventory="",
             )
-            self.h.refused(d, P.BadPath)
+            self.check_refusal(self.h.refused(d, P.BadArgument), bad)
         self.assertEqual(self.ledger.calls, [])
         self.assertUnchanged()
 
@@ -1119,13 +1126,13 @@ paths_strategy = st.one_of(
 records_strategy = st.builds(
     FileRecord,
     paths_strategy,
-    st.integers(0, 2**64 - 1),
+    st.integers(0, 2**63 - 1),  # off_t: sizes are signed 64-bit
     st.integers(-(2**63), 2**63 - 1),
 )
 needs_strategy = st.builds(
     Need,
     paths_strategy,
-    st.integers(0, 2**64 - 1),
+    st.integers(0, 2**63 - 1),
     st.integers(-(2**63), 2**63 - 1),
     st.integers(0, 2**32 - 1),
     st.integers(0, 2**32 - 1),
@@ -1167,9 +1174,29 @@ class EncodingTests(SynchronousTestCase):
     def test_sizes_match_encoding(self):
         r = FileRecord(b"abc", 1, 2)
         n = Need(b"abcd", 1, 2, 3, 4)
-        self.assertEqual(P.path_size(b"abc"), len(P.encode_paths([b"abc"])))
-        self.assertEqual(P.record_size(r), len(P.encode_records([r])))
-        self.assertEqual(P.need_size(n), len(P.encode_needs([n])))
+        for size, encode, item in [(P.path_size, P.encode_paths, b"abc"),
+                                   (P.record_size, P.encode_records, r),
+                                   (P.need_size, P.encode_needs, n)]:
+            self.assertEqual(P.LIST_HEADER + size(item), len(encode([item])))
+            self.assertEqual(P.LIST_HEADER + 3 * size(item), len(encode([item] * 3)))
+            self.assertEqual(b"", encode([]))
+
+    @given(st.lists(st.binary(max_size=12).filter(lambda p: b"\0" not in p),
+                    min_size=1, max_size=8))
+    def test_paths_checked_as_relpath_problem_says(self, paths):
+        """The page-wide check refuses exactly what relpath_problem refuses."""
+        bad = [p for p in paths if relpath_problem(p) is not None]
+        if bad:
+            with self.assertRaises(P.BadPath) as caught:
+                P.encode_paths(paths)
+            self.assertIn(repr(bad[0][:200]), str(caught.exception))
+        else:
+            self.assertEqual(P.decode_paths(P.encode_paths(paths)), paths)
+
+    def test_paths_with_nul_or_not_bytes_refused(self):
+        for paths in ([b"a", b"b\0c"], [b"a", "b"]):
+            with self.assertRaises(P.BadPath):
+                P.encode_paths(paths)
 
     def test_out_of_range_numbers_refused(self):
         with self.assertRaises(P.BadArgument):
@@ -1202,6 +1229,7 @@ class PagingTests(SynchronousTestCase):
             if i + 1 < len(pages):
                 # greedy: the next item would not have fitted
                 self.assertGreater(length + size(pages[i + 1][0]), budget)
+            self.assertEqual(length, P.LIST_HEADER + sum(size(x) for x in page))
 
     @given(st.lists(paths_strategy, max_size=100), budgets)
     def test_page_paths(self, paths, budget):
@@ -1235,7 +1263,8 @@ class PagingTests(SynchronousTestCase):
         path = b"d" * 2047 + b"/" + b"f" * 2048
         paths = [path] * 100_000
         pages = P.page_paths(paths)
-        self.assertEqual(len(pages), -(-100_000 // (P.PAGE_BUDGET // 4098)))
+        per_page = (P.PAGE_BUDGET - P.LIST_HEADER) // P.path_size(path)
+        self.assertEqual(len(pages), -(-100_000 // per_page))
         self.check_pages(paths, pages, P.encode_paths, P.path_size, P.PAGE_BUDGET)
 
 
