@@ -400,6 +400,39 @@ class WalkTests(unittest.SynchronousTestCase):
         """A batch below 1 is refused."""
         self.assertRaises(ValueError, walk, self.root, batch=0)
 
+    def test_records_are_file_records(self) -> None:
+        """
+        The walk's records (built without the path validator) are the
+        records C{FileRecord()} builds: same type, equal, same hash.
+        """
+        make(self.root, {b"a": b"1", b"d/b": b"22"})
+        os.symlink(b"a", os.path.join(self.root, b"d/link"))
+        got, _ = self.walk()
+        for path, record in got.items():
+            st = os.lstat(os.path.join(self.root, path))
+            expected = FileRecord(path, st.st_size, scanner.mtime_of(st))
+            self.assertIs(type(record), FileRecord)
+            self.assertEqual(record, expected)
+            self.assertEqual(hash(record), hash(expected))
+        self.assertEqual(len(got), 3)
+
+    def test_negative_mtime(self) -> None:
+        """
+        A time before 1970 is floored to whole seconds too (-1.5 s is -2),
+        as L{scanner.mtime_of} does, not truncated toward zero.
+        """
+        make(self.root, {b"old": b""})
+        path = os.path.join(self.root, b"old")
+        try:
+            os.utime(path, ns=(0, -1_500_000_000))
+        except OSError as e:
+            raise unittest.SkipTest(f"no times before 1970 here: {e}")
+        if os.lstat(path).st_mtime_ns != -1_500_000_000:
+            raise unittest.SkipTest("this filesystem does not keep times before 1970")
+        got, _ = self.walk()
+        self.assertEqual(got[b"old"].mtime, -2)
+        self.assertEqual(got[b"old"].mtime, scanner.mtime_of(os.lstat(path)))
+
 
 @slow
 class BindMountTests(unittest.SynchronousTestCase):
