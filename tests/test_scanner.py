@@ -433,6 +433,66 @@ class WalkTests(unittest.SynchronousTestCase):
         self.assertEqual(got[b"old"].mtime, -2)
         self.assertEqual(got[b"old"].mtime, scanner.mtime_of(os.lstat(path)))
 
+    def test_large_directory_streamed(self) -> None:
+        """
+        A directory larger than L{scanner.LIST_AT_ONCE} is read as a
+        stream, never listed whole; smaller ones are listed at once.  Both
+        give all their files.
+        """
+        files = {b"small/f": b""}
+        files.update({b"big/f%04d" % i: b"" for i in range(300)})
+        make(self.root, files)
+        sizes = {d: os.stat(os.path.join(self.root, d)).st_size for d in (b"", b"small", b"big")}
+        limit = max(sizes[b""], sizes[b"small"])
+        if sizes[b"big"] <= limit:
+            raise unittest.SkipTest(f"directory sizes here do not grow: {sizes}")
+        self.patch(scanner, "LIST_AT_ONCE", limit)
+        listed = []
+        real_listdir = os.listdir
+
+        def listdir(path):
+            listed.append(os.path.relpath(path, self.root))
+            return real_listdir(path)
+
+        self.patch(os, "listdir", listdir)
+        got, result = self.walk()
+        self.assertEqual(sorted(got), sorted(files))
+        self.assertEqual(sorted(listed), [b".", b"small"])
+        self.assertTrue(result.complete)
+
+    def test_vanished_directory_excluded_by_pattern(self) -> None:
+        """
+        An entry that matches a directories-only pattern and is gone before
+        its lstat (so it cannot be known to be a directory) counts as
+        excluded, not as missed: a churning excluded directory never makes
+        a scan incomplete.  Any other entry gone before its lstat is missed.
+        """
+        make(self.root, {b"keep": b"", b"a/cache/x": b"", b"a/other": b""})
+        real_lstat = os.lstat
+        gone = {b"cache", b"other"}
+
+        def lstat(path, *, dir_fd=None):
+            if path in gone:
+                raise FileNotFoundError(2, "No such file or directory", path)
+            return real_lstat(path, dir_fd=dir_fd)
+
+        self.patch(os, "lstat", lstat)
+        got, result = self.walk(exclude=["cache/"])
+        self.assertEqual(list(got), [b"keep"])
+        self.assertEqual((result.excluded, result.missed), (1, 1))
+        self.assertEqual(result.missed_paths, [(b"a/other", "vanished during the scan")])
+
+
+class StreamedWalkTests(WalkTests):
+    """The L{WalkTests} again, with every directory read as a stream."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.patch(scanner, "LIST_AT_ONCE", -1)
+
+    def test_large_directory_streamed(self) -> None:
+        """Covered by L{WalkTests} (it sets the limit itself)."""
+
 
 @slow
 class BindMountTests(unittest.SynchronousTestCase):
