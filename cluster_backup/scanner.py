@@ -61,7 +61,8 @@ _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _S_IFMT = 0o170000  # the file type bits of st_mode (what stat.S_IFMT keeps)
 
 #: The slot descriptors' setters of FileRecord's fields: a record built with
-#: them is one built by C{FileRecord.unchecked}, at half the cost.
+#: them is one built by C{FileRecord.unchecked}, at half the cost.  (Were
+#: FileRecord no longer a slotted class, this would fail at import.)
 _RECORD_SLOTS = tuple(
     FileRecord.__dict__[name].__set__ for name in ("path", "size", "mtime")
 )
