@@ -8,13 +8,15 @@ N/100 folders under a temporary directory, then measures:
     batch) against C{find SRC -printf '%s %T@ %p\\0'} on the same tree, warm
     cache: each runs once untimed, then the best of C{--runs} (default 3)
     each, alternating find and walk;
-  - a rescan of the unchanged tree through the real L{scanner.scan} with
-    the real reactor, delivering each batch into a real L{Ledger}
-    (C{scan_batch}) that already holds the tree: the longest gap between
-    ticks of a 5 ms L{LoopingCall} (the longest the reactor was held), and
-    the longest single C{on_batch} delivery, and the longest pause of the
-    cyclic garbage collector (C{gc.callbacks}) during the scan.  The first scan (every file new
-    to the ledger) is measured the same way, for comparison.
+  - a rescan of the unchanged tree as the server does it
+    (L{SourceScanner.scan_once}: the real L{scanner.scan} with the real
+    reactor, each batch into a real L{Ledger}'s C{scan_batch}, then
+    C{scan_finished}, C{gc.collect()} and C{gc.freeze()}) into a ledger that
+    already holds the tree: the longest gap between ticks of a 5 ms
+    L{LoopingCall} (the longest the reactor was held), the longest single
+    C{on_batch} delivery, and the longest pause of the cyclic garbage
+    collector (C{gc.callbacks}, any thread).  The first scan (every file
+    new to the ledger) is measured the same way, for comparison.
 
 The tree is deleted afterwards (C{--keep} keeps it; C{--tree DIR} reuses an
 existing one and never deletes it).
@@ -37,143 +39,14 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cluster_backup import scanner  # noqa: E402
+from cluster_backup.config import Source  # noqa: E402
 from cluster_backup.ledger import Ledger  # noqa: E402
+from cluster_backup.server import SourceScanner  # noqa: E402
 
 FIND = ["find", None, "-printf", "%s %T@ %p\\0"]
 TICK = 0.005  # seconds between LoopingCall ticks
 HOLD_TARGET_MS = 50.0
 RATE_TARGET = 0.5
-
-
-# -- experiments: proposed product changes, monkeypatched for one run ------
-
-EXPERIMENTS: dict = {}
-
-
-def _fd_walk_run(self):
-    """
-    L{scanner.Walk._run} as proposed by C{--experiment fd-walk}: the same
-    walk, but (1) each directory is opened once and listed with
-    C{os.scandir(fd)}, so C{DirEntry.stat} is C{fstatat(fd, name)} (the kernel
-    resolves one name, not the whole path from the root, as find does), and
-    (2) records are built inline (C{object.__new__} and three slot writes
-    bound to locals), without the C{FileRecord.unchecked} call per file.
-    """
-    import stat as _stat
-
-    from cluster_backup.records import FileRecord
-    result = self.result
-    excluder, skipper, batch = self._excluder, self._skipper, self._batch
-    real_prefix = self._real_prefix
-    S_ISREG, S_ISLNK, S_ISDIR = _stat.S_ISREG, _stat.S_ISLNK, _stat.S_ISDIR
-    SECOND = 1_000_000_000
-    new, put = object.__new__, object.__setattr__
-    Record = FileRecord
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-    encode = os.fsencode  # scandir(fd) gives str names
-    pending = [(self.root, b"", (self._root_id, None))]
-    out: list = []
-    files = size = 0
-    try:
-        while pending:
-            path, prefix, chain = pending.pop()
-            try:
-                fd = os.open(path, flags)
-                try:
-                    it = os.scandir(fd)
-                except OSError:
-                    os.close(fd)
-                    raise
-            except OSError as e:
-                if not prefix:
-                    raise scanner.ScanError(f"cannot list {path!r}: {e.strerror}") from None
-                result._miss(prefix[:-1], e)
-                continue
-            try:
-                for entry in it:
-                    name = encode(entry.name)
-                    rel = prefix + name
-                    if excluder is not None and excluder(rel, entry):
-                        result.excluded += 1
-                        continue
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except OSError as e:
-                        result._miss(rel, e)
-                        continue
-                    mode = st.st_mode
-                    if S_ISREG(mode) or S_ISLNK(mode):
-                        n = st.st_size
-                        if len(rel) > scanner.MAX_PATH:
-                            result._miss(rel, OSError(0, "longer than 4096 bytes"))
-                            continue
-                        record = new(Record)
-                        put(record, "path", rel)
-                        put(record, "size", n)
-                        put(record, "mtime", st.st_mtime_ns // SECOND)
-                        out.append(record)
-                        files += 1
-                        size += n
-                        if len(out) >= batch:
-                            result.files, result.bytes = files, size
-                            yield out
-                            out = []
-                    elif S_ISDIR(mode):
-                        ident = (st.st_dev, st.st_ino)
-                        if scanner._within(ident, chain) or (
-                            skipper and skipper(real_prefix + rel, ident)
-                        ):
-                            result.skipped += 1
-                            continue
-                        pending.append((path + b"/" + name, rel + b"/", (ident, chain)))
-                    else:
-                        result.specials += 1
-            except OSError as e:
-                result._miss(prefix[:-1], e)
-            finally:
-                it.close()
-                os.close(fd)
-        result.files, result.bytes = files, size
-        if out:
-            yield out
-    finally:
-        result.files, result.bytes = files, size
-
-
-def fd_walk():
-    original = scanner.Walk._run
-    scanner.Walk._run = _fd_walk_run
-    return lambda: setattr(scanner.Walk, "_run", original)
-
-
-EXPERIMENTS["fd-walk"] = fd_walk
-
-
-def gc_freeze():
-    """
-    Proposed change (server.py, where a scan of a source completes, and
-    after an inventory): C{gc.freeze()} once the ledger is built, so the
-    cyclic collector's full (generation 2) passes no longer traverse every
-    long-lived object of the ledgers.  Without it those passes run in
-    whichever thread allocates (the walk thread or the reactor), hold the
-    GIL for a time proportional to the whole heap, and are the longest
-    reactor stalls of a scan (not C{on_batch}).  Patched here into
-    L{Ledger.scan_finished}.
-    """
-    import gc
-    original = Ledger.scan_finished
-
-    def scan_finished(self, *a, **kw):
-        result = original(self, *a, **kw)
-        gc.collect()
-        gc.freeze()
-        return result
-
-    Ledger.scan_finished = scan_finished
-    return lambda: (setattr(Ledger, "scan_finished", original), gc.unfreeze())
-
-
-EXPERIMENTS["gc-freeze"] = gc_freeze
 
 
 def build_tree(root: str, files: int, per_dir: int) -> int:
@@ -215,21 +88,38 @@ def time_walk(root: str) -> tuple[float, float, int]:
     return time.perf_counter() - started, time.process_time() - cpu, n
 
 
-def reactor_scans(root: str, batch: int) -> dict:
+def reactor_scans(root: str) -> dict:
     """
-    A first scan and a rescan into one real Ledger, under the real reactor;
-    for each: wall seconds, the longest gap between 5 ms ticks and the
-    longest on_batch call (milliseconds), and the batches delivered.
+    A first scan and a rescan into one real Ledger, each by the server's own
+    L{SourceScanner.scan_once} (so with what the server does around a scan:
+    L{scanner.scan} with its default batch, C{scan_finished}, then
+    C{gc.collect()} and C{gc.freeze()}), under the real reactor; for each:
+    wall seconds, the longest gap between 5 ms ticks and the longest
+    on_batch call (milliseconds), and the batches delivered.
     """
+    import gc
+
     from twisted.internet import reactor
     from twisted.internet.defer import ensureDeferred
     from twisted.internet.task import LoopingCall
 
     ledger = Ledger("src:/data", 2, reactor, {"h1:/backup": "h1"})
+    scanning = SourceScanner(Source("src", root), ledger, 3600.0, [], reactor)
+    scan_batch = ledger.scan_batch
     figures: dict = {}
     gaps = {"last": None, "max": 0.0}
     gc_pauses: list = []
     gc_started: list = [0.0]
+    longest = [0.0, 0, 0]  # longest on_batch (s), batches, records
+
+    def on_batch(records):
+        t = time.perf_counter()
+        scan_batch(records)
+        longest[0] = max(longest[0], time.perf_counter() - t)
+        longest[1] += 1
+        longest[2] += len(records)
+
+    ledger.scan_batch = on_batch  # what scan_once hands to scan()
 
     def on_gc(phase, info):
         if phase == "start":
@@ -244,25 +134,19 @@ def reactor_scans(root: str, batch: int) -> dict:
         gaps["last"] = now
 
     async def one(name: str):
-        longest = [0.0, 0]
-
-        def on_batch(records):
-            t = time.perf_counter()
-            ledger.scan_batch(records)
-            longest[0] = max(longest[0], time.perf_counter() - t)
-            longest[1] += 1
-
-        ledger.scan_started()
+        longest[:] = [0.0, 0, 0]
         gc_pauses.clear()
         gaps["last"], gaps["max"] = None, 0.0
         started = time.perf_counter()
-        result = await scanner.scan(root, on_batch, batch=batch, reactor=reactor)
+        await scanning.scan_once()
         wall = time.perf_counter() - started
-        ledger.scan_finished(result.complete, result.error)
+        status = ledger.status()
+        if status.scan_error is not None:
+            raise RuntimeError(f"scan failed: {status.scan_error}")
         figures[name] = dict(wall=wall, gap_ms=gaps["max"] * 1000,
                              gc_ms=max(gc_pauses, default=0.0) * 1000,
                              batch_ms=longest[0] * 1000, batches=longest[1],
-                             files=result.files)
+                             files=longest[2])
 
     async def run():
         ticker = LoopingCall(tick)
@@ -279,13 +163,13 @@ def reactor_scans(root: str, batch: int) -> dict:
         d.addErrback(lambda f: figures.setdefault("error", f))
         d.addBoth(lambda _: reactor.stop())
 
-    import gc
     gc.callbacks.append(on_gc)
     reactor.callWhenRunning(main)
     try:
         reactor.run()
     finally:
         gc.callbacks.remove(on_gc)
+        gc.unfreeze()
     if "error" in figures:
         figures["error"].raiseException()
     return figures
@@ -296,23 +180,13 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=200_000)
     parser.add_argument("--per-dir", type=int, default=100, help="files per folder")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=2000, help="scan() batch size")
     parser.add_argument("--tree", help="use this existing tree (not deleted)")
     parser.add_argument("--keep", action="store_true", help="keep the generated tree")
-    parser.add_argument("--experiment", action="append", default=[], choices=sorted(EXPERIMENTS),
-                        help="monkeypatch a proposed product change (see EXPERIMENTS)")
     parser.add_argument("--record", action="store_true")
-    args = parser.parse_args()
-    undo = [EXPERIMENTS[name]() for name in args.experiment]
-    try:
-        run(args)
-    finally:
-        for restore in undo:
-            restore()
+    run(parser.parse_args())
 
 
 def run(args) -> None:
-
     made = None
     if args.tree:
         root = os.path.abspath(args.tree)
@@ -326,6 +200,7 @@ def run(args) -> None:
         print(f"built {args.files:,} files in {dirs:,} folders in "
               f"{time.perf_counter() - t:.1f} s", file=sys.stderr)
     try:
+        load = os.getloadavg()[0]  # a shared machine: say how busy it was
         # Warm the cache, check both see the same files.
         entries = count_find(root)
         _, _, n = time_walk(root)
@@ -337,7 +212,7 @@ def run(args) -> None:
             cpus.append(cpu)
         find_s, walk_s = min(finds), min(walks)
         walk_cpu = cpus[walks.index(walk_s)]
-        scans = reactor_scans(root, args.batch)
+        scans = reactor_scans(root)
     finally:
         if made is not None and not args.keep:
             shutil.rmtree(made)
@@ -349,14 +224,13 @@ def run(args) -> None:
     rescan = scans["rescan (unchanged)"]
     ok = lambda good: "met" if good else "**missed**"  # noqa: E731
     where = f"{dirs:,} folders" if dirs is not None else f"tree {root}"
-    exp = "".join(f" --experiment {e}" for e in args.experiment)
     lines = [
-        f"### Scan, {n:,} files{exp} — {time.strftime('%Y-%m-%d')}",
+        f"### Scan, {n:,} files — {time.strftime('%Y-%m-%d')}",
         "",
-        f"Command: `.venv/bin/python benchmarks/bench_scan.py --files {n}{exp}` on "
+        f"Command: `.venv/bin/python benchmarks/bench_scan.py --files {n}` on "
         f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
         f"{where}, find lists {entries:,} entries (files and folders); warm cache, "
-        f"best of {args.runs} alternating runs.",
+        f"best of {args.runs} alternating runs; 1-minute load average {load:.2f} before.",
         "",
         "| figure | value | target |",
         "|---|---|---|",
@@ -367,15 +241,15 @@ def run(args) -> None:
     ]
     for name, f in scans.items():
         lines.append(
-            f"| `scan()` {name} into a Ledger, real reactor: wall | {f['wall']:.2f} s, "
-            f"{f['files'] / f['wall']:,.0f} files/s, {f['batches']} batches of {args.batch} | |")
+            f"| `scan_once()` {name} into a Ledger, real reactor: wall | {f['wall']:.2f} s, "
+            f"{f['files'] / f['wall']:,.0f} files/s, {f['batches']} batches | |")
         target = (f"<= {HOLD_TARGET_MS:.0f} ms ({ok(f['gap_ms'] <= HOLD_TARGET_MS)})"
                   if f is rescan else "")
-        lines.append(f"| `scan()` {name}: longest gap between {TICK * 1000:.0f} ms reactor ticks "
+        lines.append(f"| `scan_once()` {name}: longest gap between {TICK * 1000:.0f} ms reactor ticks "
                      f"| {f['gap_ms']:.1f} ms | {target} |")
-        lines.append(f"| `scan()` {name}: longest on_batch (ledger.scan_batch) "
+        lines.append(f"| `scan_once()` {name}: longest on_batch (ledger.scan_batch) "
                      f"| {f['batch_ms']:.1f} ms | |")
-        lines.append(f"| `scan()` {name}: longest garbage collection (any thread) "
+        lines.append(f"| `scan_once()` {name}: longest garbage collection (any thread) "
                      f"| {f['gc_ms']:.1f} ms | |")
     text = "\n".join(lines) + "\n"
     print(text)

@@ -400,6 +400,99 @@ class WalkTests(unittest.SynchronousTestCase):
         """A batch below 1 is refused."""
         self.assertRaises(ValueError, walk, self.root, batch=0)
 
+    def test_records_are_file_records(self) -> None:
+        """
+        The walk's records (built without the path validator) are the
+        records C{FileRecord()} builds: same type, equal, same hash.
+        """
+        make(self.root, {b"a": b"1", b"d/b": b"22"})
+        os.symlink(b"a", os.path.join(self.root, b"d/link"))
+        got, _ = self.walk()
+        for path, record in got.items():
+            st = os.lstat(os.path.join(self.root, path))
+            expected = FileRecord(path, st.st_size, scanner.mtime_of(st))
+            self.assertIs(type(record), FileRecord)
+            self.assertEqual(record, expected)
+            self.assertEqual(hash(record), hash(expected))
+        self.assertEqual(len(got), 3)
+
+    def test_negative_mtime(self) -> None:
+        """
+        A time before 1970 is floored to whole seconds too (-1.5 s is -2),
+        as L{scanner.mtime_of} does, not truncated toward zero.
+        """
+        make(self.root, {b"old": b""})
+        path = os.path.join(self.root, b"old")
+        try:
+            os.utime(path, ns=(0, -1_500_000_000))
+        except OSError as e:
+            raise unittest.SkipTest(f"no times before 1970 here: {e}")
+        if os.lstat(path).st_mtime_ns != -1_500_000_000:
+            raise unittest.SkipTest("this filesystem does not keep times before 1970")
+        got, _ = self.walk()
+        self.assertEqual(got[b"old"].mtime, -2)
+        self.assertEqual(got[b"old"].mtime, scanner.mtime_of(os.lstat(path)))
+
+    def test_large_directory_streamed(self) -> None:
+        """
+        A directory larger than L{scanner.LIST_AT_ONCE} is read as a
+        stream, never listed whole; smaller ones are listed at once.  Both
+        give all their files.
+        """
+        files = {b"small/f": b""}
+        files.update({b"big/f%04d" % i: b"" for i in range(300)})
+        make(self.root, files)
+        sizes = {d: os.stat(os.path.join(self.root, d)).st_size for d in (b"", b"small", b"big")}
+        limit = max(sizes[b""], sizes[b"small"])
+        if sizes[b"big"] <= limit:
+            raise unittest.SkipTest(f"directory sizes here do not grow: {sizes}")
+        self.patch(scanner, "LIST_AT_ONCE", limit)
+        listed = []
+        real_listdir = os.listdir
+
+        def listdir(path):
+            listed.append(os.path.relpath(path, self.root))
+            return real_listdir(path)
+
+        self.patch(os, "listdir", listdir)
+        got, result = self.walk()
+        self.assertEqual(sorted(got), sorted(files))
+        self.assertEqual(sorted(listed), [b".", b"small"])
+        self.assertTrue(result.complete)
+
+    def test_vanished_directory_excluded_by_pattern(self) -> None:
+        """
+        An entry that matches a directories-only pattern and is gone before
+        its lstat (so it cannot be known to be a directory) counts as
+        excluded, not as missed: a churning excluded directory never makes
+        a scan incomplete.  Any other entry gone before its lstat is missed.
+        """
+        make(self.root, {b"keep": b"", b"a/cache/x": b"", b"a/other": b""})
+        real_lstat = os.lstat
+        gone = {b"cache", b"other"}
+
+        def lstat(path, *, dir_fd=None):
+            if path in gone:
+                raise FileNotFoundError(2, "No such file or directory", path)
+            return real_lstat(path, dir_fd=dir_fd)
+
+        self.patch(os, "lstat", lstat)
+        got, result = self.walk(exclude=["cache/"])
+        self.assertEqual(list(got), [b"keep"])
+        self.assertEqual((result.excluded, result.missed), (1, 1))
+        self.assertEqual(result.missed_paths, [(b"a/other", "vanished during the scan")])
+
+
+class StreamedWalkTests(WalkTests):
+    """The L{WalkTests} again, with every directory read as a stream."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.patch(scanner, "LIST_AT_ONCE", -1)
+
+    def test_large_directory_streamed(self) -> None:
+        """Covered by L{WalkTests} (it sets the limit itself)."""
+
 
 @slow
 class BindMountTests(unittest.SynchronousTestCase):
