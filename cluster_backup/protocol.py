@@ -188,10 +188,12 @@ def _check_joined(paths: Sequence[bytes], joined: bytes) -> None:
             _checked(path)
 
 
-def _join(paths: Sequence[bytes]) -> bytes:
-    """The paths, each followed by a NUL, after checking them."""
+def _join(paths: Sequence[bytes], check: bool = True) -> bytes:
+    """The paths, each followed by a NUL, after checking them (if C{check})."""
     if not paths:
         return b""
+    if not check:
+        return b"\0".join(paths) + b"\0"
     try:
         joined = b"\0".join(paths) + b"\0"
     except TypeError:  # a str, say: name it
@@ -205,7 +207,7 @@ def _join(paths: Sequence[bytes]) -> bytes:
     return joined
 
 
-def _encode(paths: Sequence[bytes], numbers: Sequence[array]) -> bytes:
+def _encode(paths: Sequence[bytes], numbers: Sequence[array], check: bool = True) -> bytes:
     if not paths:
         return b""
     parts = [_COUNT.pack(len(paths))]
@@ -214,7 +216,7 @@ def _encode(paths: Sequence[bytes], numbers: Sequence[array]) -> bytes:
             column = array(column.typecode, column)
             column.byteswap()
         parts.append(column.tobytes())
-    parts.append(_join(paths))
+    parts.append(_join(paths, check))
     return b"".join(parts)
 
 
@@ -282,13 +284,17 @@ def encode_paths(paths: Iterable[bytes]) -> bytes:
 
 
 def encode_records(records: Iterable[FileRecord]) -> bytes:
-    """Encode file records (L{FileRecord}s or L{Records})."""
+    """
+    Encode file records (L{FileRecord}s or L{Records}).  Their paths are not
+    checked again: a L{FileRecord} checks its own, and L{Records} are made
+    of those, of a scan's names, or of a decoded (checked) list.
+    """
     try:
         columns = Records.of(records)
     except ValueError as e:
         raise BadArgument(f"record out of range: {e}") from None
     _no_negative(columns.sizes, "record size")
-    return _encode(columns.paths, (columns.sizes, columns.mtimes))
+    return _encode(columns.paths, (columns.sizes, columns.mtimes), check=False)
 
 
 def encode_needs(needs: Iterable[Need]) -> bytes:
