@@ -185,9 +185,10 @@ def main() -> None:
         "",
         f"Command: `.venv/bin/python benchmarks/bench_ledger.py --files {n}` on "
         f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}.",
-        f"Building the ledger (scan + 4 inventories) took {build_s:.1f} s.  Machine load: "
-        f"a 1,000,000-addition Python loop took {calibration[0]:.0f} ms before the timings "
-        f"and {calibration[1]:.0f} ms after (about 45 ms on this machine when idle).",
+        f"Building the ledger (scan + 4 inventories, under tracemalloc) took {build_s:.1f} s.  "
+        f"Machine speed: a 1,000,000-addition Python loop took {calibration[0]:.0f} ms before "
+        f"the timings and {calibration[1]:.0f} ms after (it has taken 60 to 235 ms on this "
+        f"shared machine: compare timings with it).",
         "",
         "| figure | value | aim |",
         "|---|---|---|",
