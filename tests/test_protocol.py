@@ -617,6 +617,19 @@ class CommandTests(SynchronousTestCase):
         needs, _ = self.h.ok(S.list_all_needs(self.h.client, SOURCE, STORE, page=100))
         self.assertEqual([n.path for n in needs], [r.path for r in files])
 
+    def test_list_needs_asks_the_ledger_once_a_page(self):
+        """Pages just over the budget are not listed twice (once too many, then fewer)."""
+        files = [FileRecord(b"%04d" % i + b"n" * 60, i, i) for i in range(3000)]
+        self.ledger.files = {r.path: r for r in files}
+        self.ledger.calls.clear()
+        needs, _ = self.h.ok(S.list_all_needs(self.h.client, SOURCE, STORE, limit=3000))
+        self.assertEqual([n.path for n in needs], [r.path for r in files])
+        asks = [c for c in self.ledger.calls if c[0] == "needs"]
+        # 1,000 needs of 89 bytes do not fit one 60,000-byte page; each
+        # page after the first is asked for once, at a size that fits.
+        pages = -(-3000 // ((P.PAGE_BUDGET - P.LIST_HEADER) // P.need_size(needs[0])))
+        self.assertLessEqual(len(asks), pages + 1)
+
     def hold(self, store: str, *records: FileRecord) -> None:
         """Make the fake ledger believe C{store} holds C{records}."""
         self.ledger.held.setdefault(store, {}).update((r.path, r) for r in records)
@@ -994,12 +1007,12 @@ class RefusalTests(SynchronousTestCase):
         self.assertUnchanged()
 
     def test_limit_is_capped(self):
-        self.h.call(P.ListNeeds, source=SOURCE, store=STORE, limit=10**9)
-        self.assertEqual(self.ledger.calls[-1], ("needs", STORE, None, P.MAX_NEEDS_LIMIT))
-        self.h.call(P.ListSurplus, source=SOURCE, store=STORE, limit=10**9)
-        self.assertEqual(
-            self.ledger.calls[-1], ("surplus", STORE, None, P.MAX_NEEDS_LIMIT)
-        )
+        for command, name in ((P.ListNeeds, "needs"), (P.ListSurplus, "surplus")):
+            self.h.call(command, source=SOURCE, store=STORE, limit=10**9)
+            kind, store, cursor, limit = self.ledger.calls[-1]
+            self.assertEqual((kind, store, cursor), (name, STORE, None))
+            self.assertLessEqual(limit, P.MAX_NEEDS_LIMIT)
+            self.assertGreater(limit, 0)
 
     def test_surplus_bad_limit(self):
         for limit in (0, -3):
