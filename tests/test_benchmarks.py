@@ -19,7 +19,7 @@ class BenchmarkSmokeTests(SynchronousTestCase):
     def test_ledger(self):
         out = self.run_bench("bench_ledger.py", "--files", "2000", "--runs", "2")
         self.assertIn("| memory per file (tracemalloc) |", out)
-        self.assertIn("ListNeeds page of 1,000 (AMP)", out)
+        self.assertIn("| ListNeeds page, limit 1,000 (", out)
 
     def test_scan(self):
         out = self.run_bench("bench_scan.py", "--files", "2000", "--runs", "1")
