@@ -301,11 +301,8 @@ class Ledger:
         c = self._count[i]
         return self._big[i] if c == _CAP else c
 
-    def _set_count(self, i: int, n: int) -> None:
-        """Move file C{i} from its tier to tier C{n}, keeping the tallies."""
-        old = self._copies(i)
-        if n == old:
-            return
+    def _set_count(self, i: int, n: int, old: int) -> None:
+        """Move file C{i} from tier C{old} to tier C{n}, keeping the tallies."""
         size = self._size[i]
         tally = self._tally
         t = tally[old]
@@ -337,28 +334,11 @@ class Ledger:
         n = self._ncopies.get(m)
         if n is None:
             n = self._hosts_in(m)
-        count = self._count
-        old = count[i]
-        if n == old and old != _CAP:
-            return
-        if old == _CAP or n >= _CAP:
-            self._set_count(i, n)
-            return
-        # _set_count() inlined: this runs for every new holding and claim.
-        count[i] = n
-        size = self._size[i]
-        tally = self._tally
-        t = tally[old]
-        t[0] -= 1
-        t[1] -= size
-        if not t[0]:
-            del tally[old]
-        t = tally.get(n)
-        if t is None:
-            tally[n] = [1, size]
-        else:
-            t[0] += 1
-            t[1] += size
+        old = self._count[i]
+        if old == _CAP:
+            old = self._big[i]
+        if n != old:
+            self._set_count(i, n, old)
 
     def _recount_store(self, bit: int) -> None:
         # O(files): only when a store dies or comes back.
