@@ -657,17 +657,19 @@ class Ledger:
         tell_stale = self._tell_stale[s]
         tell_orphans = self._tell_orphans[s]
         inventory = self._inventory[s]
+        stale = self._stale
         for path in removed:
             i = ids.get(path)
             if i is not None:
                 self._unhold(i, s)
-                self._drop_stale(i, s)
+                if i in stale:
+                    self._drop_stale(i, s)
                 if inventory is not None:
                     inventory.other.discard(i)
-            orphans.pop(path, None)
-            pending.pop(path, None)
-            tell_stale.pop(path, None)
-            tell_orphans.pop(path, None)
+            # Most of these are empty: look only in those that are not.
+            for d in (orphans, pending, tell_stale, tell_orphans):
+                if d:
+                    d.pop(path, None)
         held = Records.of(held)
         if held.paths and not self._report_known(s, held, inventory):
             self._report_each(s, held, inventory)
