@@ -416,8 +416,15 @@ class RsyncTransfer:
         except BaseException:
             self._remove_list()
             raise
-        log.debug("rsync started: {argv}", argv=argv)
+        log.info("rsync {kind} of {count} paths from {source} started (pid {pid})",
+                 kind=self.kind, count=len(self.paths), source=self.source_url,
+                 pid=self._transport.pid, argv=argv)
         return self._deferred
+
+    @property
+    def kind(self) -> str:
+        """C{"fetch"}, or C{"check"} for a dry run (L{changed_since})."""
+        return "check" if self.dry_run else "fetch"
 
     def cancel(self) -> None:
         """Stop the transfer: TERM now, KILL if still running later."""
@@ -470,8 +477,8 @@ class RsyncTransfer:
             started=self._started,
         )
         log.info(
-            "rsync from {source}: {status} (exit {code}), {count} files, {bytes} B in {seconds:.1f}s",
-            source=self.source_url, status=status, code=code,
+            "rsync {kind} from {source}: {status} (exit {code}), {count} files, {bytes} B "
+            "in {seconds:.3f}s", kind=self.kind, source=self.source_url, status=status, code=code,
             count=len(items), bytes=result.bytes, seconds=result.seconds,
         )
         self._deferred.callback(result)
