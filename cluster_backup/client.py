@@ -12,11 +12,12 @@ granted it.
 from __future__ import annotations
 
 import os
+import random
 import time
 from collections import defaultdict
 from typing import Optional
 
-from twisted.application.internet import ClientService, TimerService, backoffPolicy
+from twisted.application.internet import ClientService, TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.protocol import Factory
@@ -38,6 +39,28 @@ NEEDS_PER_ROUND = 2000
 FILES_PER_BATCH = 1000
 #: Pause between rounds while there is work (seconds).
 BUSY_PAUSE = 0.2
+#: First pause before asking again a server that answered in safemode; it
+#: doubles at each answer in safemode, up to C{REPORT INTERVAL}.  Safemode
+#: ends as soon as the last store has reported, typically seconds after a
+#: start: waiting a whole report interval would leave stores idle that long.
+SAFEMODE_RETRY = 0.5
+
+#: Reconnecting to a server: the first retry after about RECONNECT_FIRST
+#: seconds (a client started together with its server finds it listening
+#: a moment later), 1.5 times longer after each failure, at most
+#: RECONNECT_MAX (see L{reconnect_delay}).
+RECONNECT_FIRST = 0.25
+RECONNECT_MAX = 60.0
+
+
+def reconnect_delay(failures: int, jitter=random.random) -> float:
+    """
+    Seconds before the next attempt after C{failures} (>= 1) failed ones: a
+    ClientService C{retryPolicy}.  Each delay is stretched by up to a half at
+    random, so the stores of a restarted server do not all knock at once.
+    """
+    base = min(RECONNECT_MAX, RECONNECT_FIRST * 1.5 ** min(failures - 1, 100))
+    return base * (1 + jitter() / 2)
 
 
 async def release_claims(proto, source_id: str, store_id: str, paths: list) -> None:
@@ -85,8 +108,7 @@ class ServerLink:
         endpoint = session.server_endpoint(reactor, address, port)
         factory = Factory.forProtocol(lambda: _LinkProtocol(self))
         self.service = ClientService(
-            endpoint, factory, retryPolicy=backoffPolicy(initialDelay=1.0, maxDelay=60.0),
-            clock=reactor)
+            endpoint, factory, retryPolicy=reconnect_delay, clock=reactor)
         self.proto: Optional[amp.AMP] = None
 
     def connected(self, proto: amp.AMP) -> None:
@@ -147,6 +169,10 @@ class Agent(MultiService):
         #: not run (the server went away mid-batch): not reported until checked.
         self.unverified: dict[str, set[bytes]] = {}
         self.warned_too_big: set[tuple[str, bytes]] = set()
+        #: Whether the last round found a server in safemode, and the pause
+        #: before asking again (see L{SAFEMODE_RETRY}).
+        self.in_safemode = False
+        self._safemode_pause: Optional[float] = None
         self._next: Optional[object] = None
         self._running: Optional[Deferred] = None
         self._cancel = None
@@ -204,15 +230,25 @@ class Agent(MultiService):
 
         def done(result):
             self._running = None
-            busy = result is True
             if not self._stopping:
-                self.wake(BUSY_PAUSE if busy else self.cluster.options.report_interval)
+                self.wake(self._pause(result is True))
 
         def failed(failure):
             log.failure("{store}: round failed", failure, store=self.id)
             return False
 
         self._running.addErrback(failed).addCallback(done)
+
+    def _pause(self, busy: bool) -> float:
+        """Seconds until the next round, after one that was C{busy} or not."""
+        interval = self.cluster.options.report_interval
+        if not self.in_safemode:
+            self._safemode_pause = None
+        elif not busy:
+            pause = self._safemode_pause
+            self._safemode_pause = min(interval, SAFEMODE_RETRY if pause is None else 2 * pause)
+            return self._safemode_pause
+        return BUSY_PAUSE if busy else interval
 
     # --- reports -------------------------------------------------------
 
@@ -266,6 +302,7 @@ class Agent(MultiService):
         next round comes soon), False when there was nothing to do.
         """
         offered: list[tuple[str, list]] = []
+        safe = False
         for source in self.sources:
             proto = self._proto(source)
             if proto is None:
@@ -280,8 +317,11 @@ class Agent(MultiService):
                 log.warn("{store}: asking {source} for needs failed: {why}",
                          store=self.id, source=source.id, why=str(e) or repr(e))
                 continue
-            if not safemode:
+            if safemode:
+                safe = True
+            else:
                 offered.append((source.id, needs))
+        self.in_safemode = safe
         held: list[planner.Held] = []
         # Swaps need the copies of what we hold.  Ask only when the offered
         # files do not all fit, and ask every source: the surplus to drop
