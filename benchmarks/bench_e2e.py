@@ -273,7 +273,7 @@ class ClusterFailed(Exception):
 
 
 def cluster_run(src: str, base: str, files: dict, quota: int, *, timeout: float,
-                interval: float) -> dict:
+                interval: float, profile: Optional[str] = None) -> dict:
     """
     One timed cluster run in the fresh folder C{base}; returns its figures.
     Every process is stopped before returning, whatever happens.
@@ -284,9 +284,17 @@ def cluster_run(src: str, base: str, files: dict, quota: int, *, timeout: float,
     roots = {host: os.path.join(base, "store-" + host, SOURCE_HOST, src.lstrip("/"))
              for host, _ in STORE_HOSTS}
     watch = Watch(files, roots)
+    def options(plugin: str, host: str) -> tuple:
+        if profile is None:
+            return ()
+        out = os.path.join(profile, f"{plugin}-{host}.prof")
+        return (f"--profile={out}", "--profiler=cprofile", "--savestats")
+
     processes = [Process("cbackup-server", config, SOURCE_HOST, base, "--state-dir",
-                         os.path.join(base, "state-" + SOURCE_HOST), precise_times=True)]
-    processes += [Process("cbackup-client", config, host, base, precise_times=True)
+                         os.path.join(base, "state-" + SOURCE_HOST), precise_times=True,
+                         twistd_options=options("cbackup-server", SOURCE_HOST))]
+    processes += [Process("cbackup-client", config, host, base, precise_times=True,
+                          twistd_options=options("cbackup-client", host))
                   for host, _ in STORE_HOSTS]
     os.sync()
     try:
@@ -510,7 +518,13 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=600.0, help="per cluster run")
     parser.add_argument("--poll", type=float, default=0.2, help="seconds between looks")
     parser.add_argument("--record", action="store_true")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="run every process under cProfile, its stats saved in DIR "
+                        "(slows them: figures are then not comparable)")
     args = parser.parse_args()
+    if args.profile:
+        args.profile = os.path.abspath(args.profile)
+        os.makedirs(args.profile, exist_ok=True)
 
     # A TERM must clean up like Ctrl-C does (stop the processes, delete the data).
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -542,7 +556,8 @@ def main() -> int:
             base = os.path.join(scratch, f"cluster-{run}")
             try:
                 cluster.append(cluster_run(src, base, files, args.quota,
-                                           timeout=args.timeout, interval=args.poll))
+                                           timeout=args.timeout, interval=args.poll,
+                                           profile=args.profile))
             except ClusterFailed as e:
                 print(f"run {run + 1}: cluster FAILED: {e}", file=sys.stderr)
                 print("| outcome | FAILED | two copies (**missed**) |")

@@ -112,18 +112,19 @@ class Process:
     """
     One C{twistd -n PLUGIN} child, logging to a file; stopped with TERM, then
     KILL.  With C{precise_times} the log's timestamps have microseconds
-    (L{precise_log_observer}).
+    (L{precise_log_observer}); C{twistd_options} go to twistd itself (say,
+    C{--profile}).
     """
 
     def __init__(self, plugin: str, config: str, host: str, workdir: str, *extra: str,
-                 precise_times: bool = False):
+                 precise_times: bool = False, twistd_options: tuple = ()):
         self.plugin = plugin
         self.host = host
         self.logfile = os.path.join(workdir, f"{plugin}-{host}.log")
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
         logging = (["--logger=cluster_backup.demo.precise_log_observer"] if precise_times
                    else ["-l", self.logfile])
-        self.argv = [twistd, "-n", "--pidfile=", *logging, plugin,
+        self.argv = [twistd, "-n", "--pidfile=", *logging, *twistd_options, plugin,
                      "-c", config, "--host", host, *extra]
         self.env = dict(os.environ, **{LOG_FILE_ENV: self.logfile}) if precise_times else None
         self.workdir = workdir
