@@ -345,9 +345,10 @@ class Agent(MultiService):
                    for (sid, path), since in self.store.orphans().items()
                    if path in files.get(sid, {})]
         self.store.refresh_quota()
+        parents: dict = {}  # nothing on disk changes while planning (Store.cost)
         plan = planner.plan(
             free=self.store.free, quota=self.store.quota or 0, needs=offered,
-            cost=self._cost, now=now,
+            cost=lambda sid, path, size: self._cost(sid, path, size, parents), now=now,
             keep_deleted={s.id: s.keep_deleted for s in self.sources},
             held=held, orphans=orphans, busy=frozenset(self.busy),
             no_drop=frozenset(self.no_drop))
@@ -413,9 +414,9 @@ class Agent(MultiService):
             await release_claims(proto, source.id, self.id, sorted(granted))
         return sure + kept
 
-    def _cost(self, sid: str, path: bytes, size: int) -> int:
+    def _cost(self, sid: str, path: bytes, size: int, parents: Optional[dict] = None) -> int:
         source = self.by_id[sid]
-        return self.store.cost(source.host, source.path, path, size)
+        return self.store.cost(source.host, source.path, path, size, parents)
 
     def _remove(self, sid: str, path: bytes, reason: str, removed: dict) -> None:
         source = self.by_id[sid]
@@ -473,11 +474,8 @@ class Agent(MultiService):
             if renew.running:
                 renew.stop()
             self.busy -= keys
-        arrived = []
-        for path in paths:
-            record = self.store.refresh(source.host, source.path, path)
-            if record is not None:
-                arrived.append(record)
+        found = self.store.refresh_many(source.host, source.path, paths)
+        arrived = [record for record in found.values() if record is not None]
         self.store.measure_state()
         if transfer.out_of_space(result.errors):
             quota = self.store.out_of_space()
