@@ -77,7 +77,8 @@ class BuildArgvTests(SynchronousTestCase):
         for opt in ("-a", "--numeric-ids", "-8", "-s", "--from0", "--ignore-times",
                     "--files-from=/store/.state/files-from",
                     "--partial-dir=/store/.state/partial", "--timeout=600",
-                    "--out-format=%i %l %b %n", "--no-motd", "--contimeout=600"):
+                    "--out-format=%i %l %b %n", "--no-motd", "--contimeout=600",
+                    "--sockopts=TCP_NODELAY"):
             self.assertIn(opt, argv)
         self.assertFalse(any(a.startswith("--bwlimit") for a in argv))
         self.assertNotIn("--delay-updates", argv)
@@ -87,6 +88,7 @@ class BuildArgvTests(SynchronousTestCase):
         self.assertEqual(argv[-2], "/data/src/")
         self.assertNotIn("--no-motd", argv)
         self.assertFalse(any(a.startswith("--contimeout") for a in argv))
+        self.assertFalse(any(a.startswith("--sockopts") for a in argv))
 
     def test_partial_dir_absolute(self):
         for name in ("partial_dir", "dest_dir", "files_from", "temp_dir"):
