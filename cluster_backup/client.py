@@ -513,7 +513,7 @@ class Agent(MultiService):
         """
         Fetch C{paths} (or with C{check}, list those whose copy differs from
         the source now, see L{transfer.changed_since}).  A run that cannot
-        even start (say, no room for its file list) is a failed result.
+        even start (say, fork fails) is a failed result.
         """
         dest = self.store.source_dir(source.host, source.path)
         if source.host == self.host:
@@ -527,7 +527,6 @@ class Agent(MultiService):
                 self.reactor, source_url=url, password=password, dest_dir=os.fsdecode(dest),
                 paths=paths, partial_dir=os.fsdecode(self.store.partial_dir),
                 temp_dir=os.fsdecode(self.store.temp_dir),
-                state_dir=os.fsdecode(self.store.state_dir),
                 bwlimit=None if check else self.cluster.options.bwlimit)
         except OSError as e:
             log.warn("{store}: rsync for {source} did not start: {why}", store=self.id,
