@@ -175,7 +175,7 @@ class Agent(MultiService):
         self._safemode_pause: Optional[float] = None
         self._next: Optional[object] = None
         self._running: Optional[Deferred] = None
-        self._cancel = None
+        self._cancels: set = set()  # of the rsyncs running (a fetch and a check)
         self._stopping = False
 
     # --- lifecycle -----------------------------------------------------
@@ -206,13 +206,14 @@ class Agent(MultiService):
         self._stopping = True
         if self._next is not None and self._next.active():
             self._next.cancel()
-        if self._cancel is not None:
-            self._cancel()
+        for cancel in list(self._cancels):
+            cancel()
         running = self._running
-        d = super().stopService()
-        if running is not None:
-            d = running.addBoth(lambda _: d)
-        return d
+        stopped = super().stopService()
+        if running is None:
+            return stopped
+        # Fires once the round in flight has ended, then with the children's stop.
+        return running.addBoth(lambda _: stopped)
 
     def wake(self, delay: float = 0.0) -> None:
         """Run a round after C{delay} seconds (sooner than any planned one)."""
@@ -366,11 +367,24 @@ class Agent(MultiService):
         by_source: dict[str, list] = defaultdict(list)
         for sid, need in plan.fetch:
             by_source[sid].append(need)
-        for sid, needs in by_source.items():
-            for i in range(0, len(needs), FILES_PER_BATCH):
-                if self._stopping:
-                    return False
-                fetched += await self.fetch_batch(self.by_id[sid], needs[i:i + FILES_PER_BATCH])
+        # Each batch's check against the source and its report (latency
+        # bound: a dry-run rsync and two AMP calls) overlap the next batch's
+        # transfer; at most one of each runs at a time.
+        checking: Optional[Deferred] = None
+        try:
+            for sid, needs in by_source.items():
+                for i in range(0, len(needs), FILES_PER_BATCH):
+                    if self._stopping:
+                        return False
+                    later: list = []
+                    fetched += await self.fetch_batch(self.by_id[sid],
+                                                      needs[i:i + FILES_PER_BATCH], later)
+                    if checking is not None:
+                        fetched += await checking
+                    checking = later[0]() if later else None
+        finally:
+            if checking is not None:
+                fetched += await checking
         return bool(fetched or plan.drops or plan.delete_orphans)
 
     async def _already_held(self, proto, source: Source, needs: list) -> list:
@@ -450,8 +464,16 @@ class Agent(MultiService):
                                                     **self.usage())
                 self.handle_answer(self.by_id[sid], answer)
 
-    async def fetch_batch(self, source: Source, needs: list) -> int:
-        """Claim, rsync, verify and report one batch; returns files fetched."""
+    async def fetch_batch(self, source: Source, needs: list,
+                          later: Optional[list] = None) -> int:
+        """
+        Claim, rsync, verify and report one batch; returns files fetched.
+        With C{later} (a list), return 0 as soon as the files are on disk,
+        and append to C{later} a function that starts checking them against
+        the source and reporting them, and returns a Deferred that fires
+        with the files fetched: the caller fetches its next batch meanwhile
+        (see L{round}).
+        """
         proto = self._proto(source)
         if proto is None:
             return 0
@@ -483,6 +505,19 @@ class Agent(MultiService):
                      "files removed, effective quota now {quota} ({used} used)",
                      store=self.id, quota=human_size(quota),
                      used=human_size(max(0, self.store.used)))
+        if later is None:
+            return await self._settle_batch(source, grant, paths, before, arrived, result)
+        later.append(lambda: ensureDeferred(
+            self._settle_batch(source, grant, paths, before, arrived, result)))
+        return 0
+
+    async def _settle_batch(self, source: Source, grant, paths: list, before: dict,
+                            arrived: list, result) -> int:
+        """
+        The end of L{fetch_batch}: check what arrived against the source (a
+        file rewritten during its transfer is removed, never counted), report
+        the rest, release the claims on what did not arrive.
+        """
         arrived, discarded = await self._keep_unchanged(source, grant, arrived, before)
         arrived_paths = {r.path for r in arrived}
         missing = [p for p in paths if p not in arrived_paths]
@@ -523,7 +558,7 @@ class Agent(MultiService):
             url, password = f"rsync://{e.user}@{e.host}:{e.port}/{e.module}/", e.password
         run = transfer.changed_since if check else transfer.fetch
         try:
-            d, self._cancel = run(
+            d, cancel = run(
                 self.reactor, source_url=url, password=password, dest_dir=os.fsdecode(dest),
                 paths=paths, partial_dir=os.fsdecode(self.store.partial_dir),
                 temp_dir=os.fsdecode(self.store.temp_dir),
@@ -532,10 +567,11 @@ class Agent(MultiService):
             log.warn("{store}: rsync for {source} did not start: {why}", store=self.id,
                      source=source.id, why=str(e))
             return transfer.TransferResult(None, "failed", (), (str(e),), 0.0, 0)
+        self._cancels.add(cancel)
         try:
             return await d
         finally:
-            self._cancel = None
+            self._cancels.discard(cancel)
 
     async def _keep_unchanged(self, source: Source, grant, arrived: list,
                               before: dict) -> tuple[list, list]:

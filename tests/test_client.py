@@ -1,9 +1,10 @@
 """
 The client's L{Agent} without sockets or processes: a real L{Ledger} behind
-a real L{ServerProtocol} over iosim, a L{Clock}, a real L{Store} in a temp
-folder, and a fake rsync (L{FakeRsyncAgent}) that copies files as rsync
-would, so the timing of rounds and the checks around transfers can be
-driven step by step.
+a real L{ServerProtocol} over iosim, a real L{Store} in a temp folder, and
+a fake process reactor (L{FakeRsyncReactor}: a L{Clock} whose rsync
+children copy files as rsync would when the test lets them finish), so the
+timing of rounds and the checks around transfers can be driven step by
+step.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import os
 import shutil
 
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import (ConnectionRefusedError, ProcessDone,
+                                    ProcessExitedAlready, ProcessTerminated)
 from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.task import Clock
 from twisted.protocols import amp
@@ -34,43 +36,92 @@ def record_of(root: bytes, rel: bytes) -> FileRecord:
     return FileRecord(rel, st.st_size, st.st_mtime_ns // 10**9)
 
 
-class FakeRsyncAgent(client.Agent):
+class FakeRsync:
     """
-    An agent whose rsync runs are fakes: a fetch copies the files (bytes and
-    mtime, as C{rsync -a}) from the source folder into the store; a check
-    lists the files whose size or mtime differ between the two now.
-    C{during_fetch(paths)} runs after a fetch copied and before it returns
-    (a source file rewritten while rsync read it keeps the old mtime on its
-    copy, which is what the copy with C{copy2} before the rewrite gives).
+    One rsync child, as L{FakeRsyncReactor} spawns it: its argv, the
+    C{--files-from} list it read on stdin, and L{finish}, which does what
+    rsync would (a fetch copies bytes and mtime, as C{rsync -a}; a dry run
+    lists the files whose size or mtime differ) and prints its
+    C{--out-format} lines, then exits 0.
     """
 
-    during_fetch = None
+    pid = 4242
 
-    def __init__(self, *args, source_root: bytes, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, reactor, proto, args, source_root: bytes):
+        self.reactor = reactor
+        self.proto = proto
+        self.args = args
         self.source_root = source_root
-        self.runs: list[tuple[str, list]] = []
+        self.stdin = b""
+        self.stdin_closed = False
+        self.signals: list[str] = []
+        self.ended = False
 
-    async def _rsync(self, source, grant, paths, check=False):
-        dest = self.store.source_dir(source.host, source.path)
-        self.runs.append(("check" if check else "fetch", sorted(paths)))
-        changed = []
-        for path in paths:
+    @property
+    def kind(self) -> str:
+        return "check" if "--dry-run" in self.args else "fetch"
+
+    @property
+    def paths(self) -> list[bytes]:
+        return [p[2:] if p.startswith(b"./") else p for p in self.stdin.split(b"\0") if p]
+
+    def write(self, data: bytes) -> None:
+        assert not self.stdin_closed
+        self.stdin += data
+
+    def closeStdin(self) -> None:
+        self.stdin_closed = True
+
+    def signalProcess(self, name: str) -> None:
+        if self.ended:
+            raise ProcessExitedAlready()
+        self.signals.append(name)
+        self.end(ProcessTerminated(None, {"TERM": 15, "KILL": 9}[name]))
+
+    def end(self, why) -> None:
+        self.ended = True
+        self.proto.processEnded(Failure(why))
+
+    def finish(self) -> None:
+        dest = os.fsencode(self.args[-1])
+        for path in self.paths:
             src, dst = os.path.join(self.source_root, path), os.path.join(dest, path)
-            if check:
+            a = os.lstat(src)
+            if self.kind == "check":
                 try:
-                    a, b = os.lstat(src), os.lstat(dst)
+                    b = os.lstat(dst)
                 except FileNotFoundError:
+                    b = None
+                if b is not None and (a.st_size, a.st_mtime_ns // 10**9) == (
+                        b.st_size, b.st_mtime_ns // 10**9):
                     continue
-                if (a.st_size, a.st_mtime_ns // 10**9) != (b.st_size, b.st_mtime_ns // 10**9):
-                    changed.append(path)
             else:
                 os.makedirs(os.path.dirname(dst), exist_ok=True)
                 shutil.copy2(src, dst)
-                changed.append(path)
-        if not check and self.during_fetch is not None:
-            self.during_fetch(paths)
-        return transfer.TransferResult(0, "ok", changed, (), 0.01, 0)
+            line = b">f+++++++++ %d %d " % (a.st_size, a.st_size) + transfer.escape(path)
+            self.proto.childDataReceived(1, line + b"\n")
+        self.end(ProcessDone(0))
+
+
+class FakeRsyncReactor(MemoryReactorClock):
+    """
+    A L{MemoryReactorClock} (connections are only recorded) whose
+    C{spawnProcess} starts a L{FakeRsync} (cf. procmon's DummyProcessReactor).
+    """
+
+    def __init__(self, source_root: bytes):
+        super().__init__()
+        self.source_root = source_root
+        self.processes: list[FakeRsync] = []
+
+    def spawnProcess(self, proto, executable, args, env=None, path=None, **kw):
+        proc = FakeRsync(self, proto, args, self.source_root)
+        self.processes.append(proc)
+        proto.makeConnection(proc)
+        return proc
+
+    def alive(self) -> list[FakeRsync]:
+        return [p for p in self.processes if not p.ended]
 
 
 class AgentHarness:
@@ -83,6 +134,7 @@ class AgentHarness:
     def __init__(self, case: SynchronousTestCase, files: dict, stores=("h1", "h2"),
                  copies: int = 1):
         self.case = case
+        self.files = files
         base = os.path.abspath(case.mktemp())
         self.source_root = os.path.join(base, "source").encode()
         for rel, data in files.items():
@@ -97,7 +149,7 @@ class AgentHarness:
             lines += [f"backup: {host}:{base}/store-{host}", "size: 100m"]
         self.cluster = loads("\n".join(lines) + "\n")
         self.source = self.cluster.sources[0]
-        self.clock = Clock()
+        self.clock = FakeRsyncReactor(self.source_root)
         self.ledger = Ledger(self.source.id, copies, self.clock,
                              {s.id: s.host for s in self.cluster.stores},
                              report_interval=REPORT_INTERVAL)
@@ -112,10 +164,8 @@ class AgentHarness:
                                                             clock=self.clock)
         config = self.cluster.stores[0]
         os.makedirs(config.path)
-        self.agent = FakeRsyncAgent(self.cluster, config, config.host, None, self.clock, set(),
-                                    source_root=self.source_root)
-        self.agent.store.inventory(self.agent.sources)
-        self.agent.store.clean_partials()
+        self.agent = client.Agent(self.cluster, config, config.host, None, self.clock, set())
+        self.agent.startService()  # inventory, links (connecting nowhere), lease
         self.ok(session.login(self.proto, config.host, None))
         self.ok(self.agent.send_inventory(self.proto, self.source))
         self.agent.links[self.source.host].proto = self.proto
@@ -141,6 +191,12 @@ class AgentHarness:
         self.clock.advance(seconds)
         self.settle()
 
+    def rescan(self) -> None:
+        """The server scans the source again."""
+        self.ledger.scan_started()
+        self.ledger.scan_batch([record_of(self.source_root, rel) for rel in self.files])
+        self.ledger.scan_finished(True)
+
     def report_other_stores(self) -> None:
         """Every other store sends an (empty) inventory: safemode ends."""
         for st in self.cluster.stores[1:]:
@@ -149,6 +205,32 @@ class AgentHarness:
 
     def held(self) -> set[bytes]:
         return set(self.agent.store.files.get(self.source.id, {}))
+
+    def running(self) -> list[tuple[str, int]]:
+        """(kind, number of paths) of each rsync running now."""
+        return [(p.kind, len(p.paths)) for p in self.clock.alive()]
+
+    def finish(self, kind: str) -> FakeRsync:
+        """Let the running rsync of C{kind} finish, and what follows happen."""
+        [proc] = [p for p in self.clock.alive() if p.kind == kind]
+        proc.finish()
+        self.settle()
+        return proc
+
+    def finish_all(self) -> None:
+        while self.clock.alive():
+            self.clock.alive()[0].finish()
+            self.settle()
+
+    def copies(self) -> dict[bytes, int]:
+        """Path -> live copies (claims included) the ledger counts, as another store is told."""
+        needs, _ = self.ledger.needs(self.cluster.stores[-1].id, None, 10_000)
+        return {n.path: n.copies for n in needs}
+
+    def reported(self) -> int:
+        """Files the ledger counts as held by this agent's store."""
+        [st] = [st for st in self.ledger.store_status() if st.store == self.agent.id]
+        return st.files
 
 
 FILES = {b"dir%d/file-%d.dat" % (i % 3, i): b"x" * (100 + i) for i in range(10)}
@@ -166,11 +248,13 @@ class SafemodeRetryTests(SynchronousTestCase):
         self.assertEqual(h.next_round_in(), client.SAFEMODE_RETRY)
         h.advance(client.SAFEMODE_RETRY)
         self.assertEqual(h.next_round_in(), 2 * client.SAFEMODE_RETRY)
-        self.assertEqual(h.agent.runs, [])
+        self.assertEqual(h.clock.processes, [])
 
         h.report_other_stores()
         h.advance(2 * client.SAFEMODE_RETRY)
         self.assertFalse(h.agent.in_safemode)
+        self.assertEqual(h.running(), [("fetch", len(FILES))])
+        h.finish_all()
         self.assertEqual(h.held(), set(FILES))
         self.assertEqual(h.next_round_in(), client.BUSY_PAUSE)
         # Nothing left to do: back to one round per report interval.
@@ -187,7 +271,7 @@ class SafemodeRetryTests(SynchronousTestCase):
             h.advance(pauses[-1])
         self.assertEqual(pauses, [0.5, 1, 2, 4, 8, 16, 32, 60, 60])
         self.assertTrue(h.agent.in_safemode)
-        self.assertEqual(h.agent.runs, [])
+        self.assertEqual(h.clock.processes, [])
 
 
 class ReconnectDelayTests(SynchronousTestCase):
@@ -217,3 +301,80 @@ class ReconnectDelayTests(SynchronousTestCase):
         factory.clientConnectionFailed(reactor.connectors[0], Failure(ConnectionRefusedError()))
         reactor.advance(1.5 * client.RECONNECT_FIRST)
         self.assertEqual(len(reactor.tcpClients), 2)
+
+
+class PipelinedCheckTests(SynchronousTestCase):
+    """
+    Each batch's check against the source (a dry-run rsync) and its report
+    run while the next batch is fetched; a file rewritten during its
+    transfer is still never counted.
+    """
+
+    def setUp(self):
+        self.patch(client, "FILES_PER_BATCH", 4)
+        self.h = AgentHarness(self, FILES, copies=2, stores=("h1", "h2", "h3"))
+        self.h.report_other_stores()
+        self.h.agent.wake()
+        self.h.settle()
+
+    def test_check_overlaps_the_next_fetch(self):
+        h = self.h
+        self.assertEqual(h.running(), [("fetch", 4)])
+        h.finish("fetch")
+        # Batch 1 is checked while batch 2 is fetched.
+        self.assertEqual(sorted(h.running()), [("check", 4), ("fetch", 4)])
+        self.assertEqual(h.reported(), 0)
+        h.finish("check")
+        self.assertEqual(h.reported(), 4)  # reported while batch 2 is still in flight
+        self.assertEqual(h.running(), [("fetch", 4)])
+        h.finish("fetch")
+        self.assertEqual(sorted(h.running()), [("check", 4), ("fetch", 2)])
+        # A fetch that ends before the previous check waits for it: never two checks.
+        h.finish("fetch")
+        self.assertEqual(h.running(), [("check", 4)])
+        h.finish("check")
+        self.assertEqual(h.running(), [("check", 2)])
+        h.finish("check")
+        self.assertEqual(h.running(), [])
+        self.assertEqual(h.reported(), 10)
+        self.assertEqual(h.held(), set(FILES))
+        self.assertEqual(set(h.copies().values()), {1})  # claims ended, holdings counted
+        self.assertEqual(h.next_round_in(), client.BUSY_PAUSE)
+
+    def test_file_rewritten_during_its_transfer_is_never_counted(self):
+        h = self.h
+        fetch = h.finish("fetch")
+        # The source file changes after rsync read it: its copy has the old
+        # mtime and the old bytes; the source's mtime moved on.
+        victim = fetch.paths[0]
+        path = os.path.join(h.source_root, victim)
+        with open(path, "wb") as f:
+            f.write(b"rewritten while rsync read it")
+        os.utime(path, (1_600_000_100, 1_600_000_100))
+        h.finish("check")
+        self.assertNotIn(victim, h.held())
+        self.assertFalse(os.path.exists(h.agent.store.path_of("src", h.source.path, victim)))
+        self.assertEqual(h.reported(), 3)
+        h.finish_all()
+        self.assertEqual(h.reported(), 9)
+        self.assertEqual(h.copies()[victim], 0)  # not counted, its claim released
+        # Once the server's scan knows the new version, the next round
+        # fetches it, and that copy counts.
+        h.rescan()
+        h.advance(client.BUSY_PAUSE)
+        self.assertEqual(h.running(), [("fetch", 1)])
+        h.finish_all()
+        self.assertIn(victim, h.held())
+        self.assertEqual(h.reported(), 10)
+
+    def test_stop_ends_both_rsyncs(self):
+        h = self.h
+        h.finish("fetch")
+        running = h.clock.alive()
+        self.assertEqual(len(running), 2)
+        d = h.agent.stopService()
+        h.settle()
+        self.assertEqual([p.signals for p in running], [["TERM"], ["TERM"]])
+        self.successResultOf(d)
+        self.assertEqual(h.clock.alive(), [])
+        self.assertEqual(h.reported(), 0)  # the check was cut short: nothing vouched for
