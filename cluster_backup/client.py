@@ -37,13 +37,14 @@ log = Logger()
 #: Most needs asked of one source per round, and most files per rsync run.
 NEEDS_PER_ROUND = 2000
 FILES_PER_BATCH = 1000
-#: Pause between rounds while there is work (seconds).
-BUSY_PAUSE = 0.2
+#: Pause between rounds while there is work (seconds): only a breath, since a
+#: round that did work is worth repeating at once.
+BUSY_PAUSE = 0.05
 #: First pause before asking again a server that answered in safemode; it
 #: doubles at each answer in safemode, up to C{REPORT INTERVAL}.  Safemode
 #: ends as soon as the last store has reported, typically seconds after a
 #: start: waiting a whole report interval would leave stores idle that long.
-SAFEMODE_RETRY = 0.5
+SAFEMODE_RETRY = 0.25
 
 #: Reconnecting to a server: the first retry after about RECONNECT_FIRST
 #: seconds (a client started together with its server finds it listening
