@@ -8,8 +8,8 @@ everything.  Each host is its own loopback address (127.0.0.20 for the
 source, .21-.23 for the stores), so a copy on each store is a copy on a
 distinct host.  Measured, alternating, C{--runs} times (default 3), with
 fresh destinations each time and a warm page cache (the data was just
-written and read; C{sync} before each run so one run's writeback does not
-slow the next):
+written and read; before each run C{sync}, then a wait until the disks are
+idle, so one run's writeback and discards do not slow the next):
 
   - the rsync pair: C{rsync -a SRC/ store1/ && rsync -a SRC/ store2/} into
     fresh empty folders on the same filesystem;
@@ -152,6 +152,43 @@ def filesystem_of(path: str) -> str:
     return kind
 
 
+def disk_activity() -> tuple:
+    """Reads, writes, discards and flushes completed, and I/Os in flight, of every disk."""
+    total = [0] * 5
+    try:
+        with open("/proc/diskstats") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 14 or fields[2].startswith(("loop", "ram")):
+                    continue
+                values = [int(x) for x in fields[3:]] + [0] * 8
+                for i, k in enumerate((0, 4, 11, 15, 8)):  # reads, writes, discards, flushes, in flight
+                    total[i] += values[k]
+    except OSError:
+        pass
+    return tuple(total)
+
+
+def settle(quiet: float = 1.0, timeout: float = 30.0) -> float:
+    """
+    Flush, then wait until the disks have done nothing for C{quiet} seconds
+    (at most C{timeout}): deleting the previous run's copies leaves writes
+    and, on a filesystem mounted with C{discard}, discards in flight that
+    would slow whichever contestant runs next.  Returns the seconds waited.
+    """
+    started = time.monotonic()
+    os.sync()
+    last, since = disk_activity(), time.monotonic()
+    while time.monotonic() - started < timeout:
+        time.sleep(0.1)
+        now = disk_activity()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            break
+    return time.monotonic() - started
+
+
 # --- the rsync pair -----------------------------------------------------------
 
 def rsync_pair(src: str, base: str) -> tuple[float, float]:
@@ -162,7 +199,7 @@ def rsync_pair(src: str, base: str) -> tuple[float, float]:
     dests = [os.path.join(base, "store1"), os.path.join(base, "store2")]
     for d in dests:
         os.makedirs(d)
-    os.sync()
+    settle()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
     for d in dests:
@@ -296,7 +333,7 @@ def cluster_run(src: str, base: str, files: dict, quota: int, *, timeout: float,
     processes += [Process("cbackup-client", config, host, base, precise_times=True,
                           twistd_options=options("cbackup-client", host))
                   for host, _ in STORE_HOSTS]
-    os.sync()
+    settle()
     try:
         started_wall = time.time()
         started = time.monotonic()
