@@ -44,7 +44,7 @@ BUSY_PAUSE = 0.05
 #: doubles at each answer in safemode, up to C{REPORT INTERVAL}.  Safemode
 #: ends as soon as the last store has reported, typically seconds after a
 #: start: waiting a whole report interval would leave stores idle that long.
-SAFEMODE_RETRY = 0.25
+SAFEMODE_RETRY = 0.1
 
 #: Reconnecting to a server: the first retry after about RECONNECT_FIRST
 #: seconds (a client started together with its server finds it listening
