@@ -35,7 +35,7 @@ from cluster_backup.units import human_size
 log = Logger()
 
 #: Most needs asked of one source per round, and most files per rsync run.
-NEEDS_PER_ROUND = 5000
+NEEDS_PER_ROUND = 2000
 FILES_PER_BATCH = 1000
 #: Pause between rounds while there is work (seconds): only a breath, since a
 #: round that did work is worth repeating at once.
