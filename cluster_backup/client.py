@@ -28,7 +28,7 @@ from twisted.protocols import amp
 from cluster_backup import planner, session, transfer
 from cluster_backup.config import Cluster, Source, Store as StoreConfig
 from cluster_backup.protocol import UnknownPath
-from cluster_backup.records import ReportAnswer
+from cluster_backup.records import ReportAnswer, rank
 from cluster_backup.store import Store
 from cluster_backup.units import human_size
 
@@ -368,6 +368,11 @@ class Agent(MultiService):
         by_source: dict[str, list] = defaultdict(list)
         for sid, need in plan.fetch:
             by_source[sid].append(need)
+        # Largest first within a rank (rarest stays first): long transfers
+        # start early and a fill ends on short batches, so stores finish
+        # together instead of waiting on one that drew a big file last.
+        for needs in by_source.values():
+            needs.sort(key=lambda n: (rank(n.copies, n.wanted), -n.size))
         # Each batch's check against the source and its report (latency
         # bound: a dry-run rsync and two AMP calls) overlap the next batch's
         # transfer; at most one of each runs at a time.

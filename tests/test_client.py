@@ -382,3 +382,24 @@ class PipelinedCheckTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertEqual(h.clock.alive(), [])
         self.assertEqual(h.reported(), 0)  # the check was cut short: nothing vouched for
+
+
+class BatchOrderTests(SynchronousTestCase):
+    def test_largest_first_within_a_rank(self):
+        self.patch(client, "FILES_PER_BATCH", 4)
+        files = {b"f%02d" % i: b"x" * (1000 * ((i * 7) % 10) + 1) for i in range(10)}
+        h = AgentHarness(self, files, copies=2, stores=("h1", "h2", "h3"))
+        # One file already has a copy elsewhere: rarer ones come first, whatever their size.
+        big = max(files, key=lambda p: len(files[p]))
+        h.report_other_stores()
+        h.ledger.report(h.cluster.stores[1].id, [record_of(h.source_root, big)])
+        h.agent.wake()
+        h.settle()
+        sizes = []
+        while h.clock.alive():
+            kinds = [p.kind for p in h.clock.alive()]
+            proc = h.finish("fetch" if "fetch" in kinds else "check")
+            if proc.kind == "fetch":
+                sizes.append(sorted((len(files[p]) for p in proc.paths), reverse=True))
+        rest = sorted((len(d) for p, d in files.items() if p != big), reverse=True)
+        self.assertEqual(sizes, [rest[:4], rest[4:8], [len(files[big])] + rest[8:]])
