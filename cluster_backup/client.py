@@ -19,7 +19,7 @@ from typing import Optional
 
 from twisted.application.internet import ClientService, TimerService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -176,6 +176,8 @@ class Agent(MultiService):
         self._safemode_pause: Optional[float] = None
         self._next: Optional[object] = None
         self._running: Optional[Deferred] = None
+        #: The check and report of the previous round's last batch, if running.
+        self._checking: Optional[Deferred] = None
         self._cancels: set = set()  # of the rsyncs running (a fetch and a check)
         self._stopping = False
 
@@ -209,12 +211,13 @@ class Agent(MultiService):
             self._next.cancel()
         for cancel in list(self._cancels):
             cancel()
-        running = self._running
+        pending = [d for d in (self._running, self._checking) if d is not None]
         stopped = super().stopService()
-        if running is None:
+        if not pending:
             return stopped
-        # Fires once the round in flight has ended, then with the children's stop.
-        return running.addBoth(lambda _: stopped)
+        # Fires once the round and the check in flight have ended, then with
+        # the children's stop.
+        return gatherResults(pending, consumeErrors=True).addBoth(lambda _: stopped)
 
     def wake(self, delay: float = 0.0) -> None:
         """Run a round after C{delay} seconds (sooner than any planned one)."""
@@ -303,6 +306,9 @@ class Agent(MultiService):
         One plan-and-act round.  True when it did or awaits work (so the
         next round comes soon), False when there was nothing to do.
         """
+        # Still checking the previous round's last batch while asking for
+        # needs: what that check removes is not among them.
+        checking_before = self._checking is not None and not self._checking.called
         offered: list[tuple[str, list]] = []
         safe = False
         for source in self.sources:
@@ -375,9 +381,18 @@ class Agent(MultiService):
             needs.sort(key=lambda n: (rank(n.copies, n.wanted), -n.size))
         # Each batch's check against the source and its report (latency
         # bound: a dry-run rsync and two AMP calls) overlap the next batch's
-        # transfer; at most one of each runs at a time.
-        checking: Optional[Deferred] = None
+        # transfer, the last one's the next round's start; at most one of
+        # each runs at a time.  (Its claims keep the batch out of the next
+        # round's needs; its files are already counted in the store's usage.)
+        checking, self._checking = self._checking, None
         try:
+            if checking is not None and not by_source:
+                # Nothing to fetch: wait for the previous round's check; if it
+                # was still running when needs were asked, look again soon
+                # (what it removed, changed during its transfer, is wanted).
+                await checking
+                checking = None
+                return checking_before or bool(plan.drops or plan.delete_orphans)
             for sid, needs in by_source.items():
                 for i in range(0, len(needs), FILES_PER_BATCH):
                     if self._stopping:
@@ -386,11 +401,10 @@ class Agent(MultiService):
                     fetched += await self.fetch_batch(self.by_id[sid],
                                                       needs[i:i + FILES_PER_BATCH], later)
                     if checking is not None:
-                        fetched += await checking
+                        await checking
                     checking = later[0]() if later else None
         finally:
-            if checking is not None:
-                fetched += await checking
+            self._checking = checking
         return bool(fetched or plan.drops or plan.delete_orphans)
 
     async def _already_held(self, proto, source: Source, needs: list) -> list:
@@ -474,11 +488,11 @@ class Agent(MultiService):
                           later: Optional[list] = None) -> int:
         """
         Claim, rsync, verify and report one batch; returns files fetched.
-        With C{later} (a list), return 0 as soon as the files are on disk,
-        and append to C{later} a function that starts checking them against
-        the source and reporting them, and returns a Deferred that fires
-        with the files fetched: the caller fetches its next batch meanwhile
-        (see L{round}).
+        With C{later} (a list), return as soon as the files are on disk,
+        with how many are, and append to C{later} a function that starts
+        checking them against the source and reporting them and returns a
+        Deferred (that never fails: errors are logged): the caller fetches
+        its next batch meanwhile (see L{round}).
         """
         proto = self._proto(source)
         if proto is None:
@@ -513,8 +527,17 @@ class Agent(MultiService):
                      used=human_size(max(0, self.store.used)))
         if later is None:
             return await self._settle_batch(source, grant, paths, before, arrived, result)
-        later.append(lambda: ensureDeferred(
-            self._settle_batch(source, grant, paths, before, arrived, result)))
+
+        def settle() -> Deferred:
+            d = ensureDeferred(self._settle_batch(source, grant, paths, before, arrived, result))
+            return d.addErrback(self._settle_failed, source)
+
+        later.append(settle)
+        return len(arrived)
+
+    def _settle_failed(self, failure, source: Source) -> int:
+        log.failure("{store}: checking and reporting a batch of {source} failed", failure,
+                    store=self.id, source=source.id)
         return 0
 
     async def _settle_batch(self, source: Source, grant, paths: list, before: dict,

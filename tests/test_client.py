@@ -317,12 +317,15 @@ class PipelinedCheckTests(SynchronousTestCase):
     def setUp(self):
         self.patch(client, "FILES_PER_BATCH", 4)
         self.h = AgentHarness(self, FILES, copies=2, stores=("h1", "h2", "h3"))
+
+    def start(self) -> AgentHarness:
         self.h.report_other_stores()
         self.h.agent.wake()
         self.h.settle()
+        return self.h
 
     def test_check_overlaps_the_next_fetch(self):
-        h = self.h
+        h = self.start()
         self.assertEqual(h.running(), [("fetch", 4)])
         h.finish("fetch")
         # Batch 1 is checked while batch 2 is fetched.
@@ -345,8 +348,32 @@ class PipelinedCheckTests(SynchronousTestCase):
         self.assertEqual(set(h.copies().values()), {1})  # claims ended, holdings counted
         self.assertEqual(h.next_round_in(), client.BUSY_PAUSE)
 
+    def test_last_check_of_a_round_overlaps_the_next_round(self):
+        self.patch(client, "NEEDS_PER_ROUND", 4)
+        h = self.start()
+        self.assertEqual(h.running(), [("fetch", 4)])
+        h.finish("fetch")
+        self.assertEqual(h.running(), [("check", 4)])  # the round is over, its check is not
+        h.advance(client.BUSY_PAUSE)
+        # The next round's needs leave out the batch being checked (claimed).
+        self.assertEqual(sorted(h.running()), [("check", 4), ("fetch", 4)])
+        first, second = sorted(h.clock.alive(), key=lambda p: p.kind)
+        self.assertFalse(set(first.paths) & set(second.paths))
+        h.finish("check")
+        self.assertEqual(h.reported(), 4)
+        while h.clock.alive() or h.reported() < 10:
+            if h.clock.alive():
+                h.finish_all()
+            else:
+                h.advance(client.BUSY_PAUSE)
+        self.assertEqual(h.held(), set(FILES))
+        self.assertEqual(set(h.copies().values()), {1})
+        # Nothing left, no check running: back to one round per report interval.
+        h.advance(client.BUSY_PAUSE)
+        self.assertEqual(h.next_round_in(), REPORT_INTERVAL)
+
     def test_file_rewritten_during_its_transfer_is_never_counted(self):
-        h = self.h
+        h = self.start()
         fetch = h.finish("fetch")
         # The source file changes after rsync read it: its copy has the old
         # mtime and the old bytes; the source's mtime moved on.
@@ -372,7 +399,7 @@ class PipelinedCheckTests(SynchronousTestCase):
         self.assertEqual(h.reported(), 10)
 
     def test_stop_ends_both_rsyncs(self):
-        h = self.h
+        h = self.start()
         h.finish("fetch")
         running = h.clock.alive()
         self.assertEqual(len(running), 2)
@@ -382,6 +409,19 @@ class PipelinedCheckTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertEqual(h.clock.alive(), [])
         self.assertEqual(h.reported(), 0)  # the check was cut short: nothing vouched for
+
+
+    def test_stop_between_rounds_ends_the_carried_check(self):
+        self.patch(client, "NEEDS_PER_ROUND", 4)
+        h = self.start()
+        h.finish("fetch")
+        [check] = h.clock.alive()
+        self.assertEqual((check.kind, h.agent._running), ("check", None))
+        d = h.agent.stopService()
+        h.settle()
+        self.assertEqual(check.signals, ["TERM"])
+        self.successResultOf(d)
+        self.assertEqual(h.reported(), 0)
 
 
 class BatchOrderTests(SynchronousTestCase):
