@@ -19,7 +19,7 @@ from typing import Optional
 
 from twisted.application.internet import ClientService, TimerService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -211,13 +211,17 @@ class Agent(MultiService):
             self._next.cancel()
         for cancel in list(self._cancels):
             cancel()
-        pending = [d for d in (self._running, self._checking) if d is not None]
         stopped = super().stopService()
-        if not pending:
-            return stopped
-        # Fires once the round and the check in flight have ended, then with
-        # the children's stop.
-        return gatherResults(pending, consumeErrors=True).addBoth(lambda _: stopped)
+        # Fires once the round and the check in flight have ended (no new
+        # rsync starts now, see _rsync), then with the children's stop.
+        return ensureDeferred(self._quiet()).addBoth(lambda _: stopped)
+
+    async def _quiet(self) -> None:
+        """Wait for the round in flight, then for the check it leaves running."""
+        if self._running is not None:
+            await self._running  # never fails: see _round
+        if self._checking is not None:
+            await self._checking  # never fails: see fetch_batch
 
     def wake(self, delay: float = 0.0) -> None:
         """Run a round after C{delay} seconds (sooner than any planned one)."""
@@ -577,8 +581,11 @@ class Agent(MultiService):
         """
         Fetch C{paths} (or with C{check}, list those whose copy differs from
         the source now, see L{transfer.changed_since}).  A run that cannot
-        even start (say, fork fails) is a failed result.
+        even start (say, fork fails) is a failed result; once the agent is
+        stopping, none starts (a cancelled result).
         """
+        if self._stopping:
+            return transfer.TransferResult(None, "cancelled", (), (), 0.0, 0)
         dest = self.store.source_dir(source.host, source.path)
         if source.host == self.host:
             url, password = source.path, None

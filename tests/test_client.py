@@ -408,6 +408,7 @@ class PipelinedCheckTests(SynchronousTestCase):
         self.assertEqual([p.signals for p in running], [["TERM"], ["TERM"]])
         self.successResultOf(d)
         self.assertEqual(h.clock.alive(), [])
+        self.assertEqual(len(h.clock.processes), 3)  # no rsync started once stopping
         self.assertEqual(h.reported(), 0)  # the check was cut short: nothing vouched for
 
 
