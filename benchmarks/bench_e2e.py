@@ -212,12 +212,17 @@ def rsync_pair(src: str, base: str) -> tuple[float, float]:
 
 # --- the cluster --------------------------------------------------------------
 
+#: More than the kernel's timestamp granularity (a jiffy, at most 10 ms), ns.
+TICK = 100_000_000
+
+
 class Watch:
     """
     Counts copies on disk: for each store, which source files it holds with
     the source's size and mtime.  A folder is listed again only when its
-    ctime moved since the last listing, or is too recent to trust (an entry
-    added within the same clock tick leaves it unchanged).  Not its mtime:
+    ctime moved since the last listing, or was within L{TICK} of that
+    listing (the kernel stamps ctime from a coarse clock: an entry added just
+    after a listing, in the same tick, leaves it unchanged).  Not its mtime:
     rsync sets a folder's mtime to the source folder's.
     """
 
@@ -234,12 +239,12 @@ class Watch:
                 folder, name = os.path.split(rel)
                 by_folder[folder].add(name)
             self.pending[host] = by_folder
-        self.seen_ctime: dict[tuple[str, str], int] = {}
+        #: (host, folder) -> (its ctime, when it was listed), nanoseconds
+        self.listed: dict[tuple[str, str], tuple[int, int]] = {}
         self.first_copy: Optional[float] = None
 
     def poll(self, now: float) -> bool:
         """Look once; true when every file has COPIES copies on distinct hosts."""
-        wall = time.time_ns()
         for host, by_folder in self.pending.items():
             for folder in list(by_folder):
                 names = by_folder[folder]
@@ -249,9 +254,10 @@ class Watch:
                 except FileNotFoundError:
                     continue
                 key = (host, folder)
-                if self.seen_ctime.get(key) == ctime and wall - ctime > 2_000_000_000:
+                seen = self.listed.get(key)
+                if seen is not None and seen[0] == ctime and seen[1] - ctime > TICK:
                     continue
-                self.seen_ctime[key] = ctime
+                self.listed[key] = (ctime, time.time_ns())
                 with os.scandir(path) as entries:
                     for entry in entries:
                         if entry.name not in names:
