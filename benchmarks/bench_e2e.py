@@ -6,7 +6,8 @@ folders, plus 4 files of 256 MiB; seeded, mtimes a day or more in the past)
 wanting C{copies: 2}, and three stores on three hosts with room for
 everything.  Each host is its own loopback address (127.0.0.20 for the
 source, .21-.23 for the stores), so a copy on each store is a copy on a
-distinct host.  Measured, alternating, C{--runs} times (default 3), with
+distinct host.  Measured, alternating, C{--runs} times (default 5: the
+machine is shared, and single runs vary by a factor of two), with
 fresh destinations each time and a warm page cache (the data was just
 written and read; before each run C{sync}, then a wait until the disks are
 idle, so one run's writeback and discards do not slow the next):
@@ -36,7 +37,9 @@ deleted at the end, also after a failure or Ctrl-C.  Run:
 C{.venv/bin/python benchmarks/bench_e2e.py [--small N] [--big N]
 [--big-size SIZE] [--runs N] [--record]}.  With C{--record} the figures are
 appended to C{benchmarks/RESULTS.md}.  Exit status 0 only when every
-cluster run reached two verified copies of every file.
+cluster run reached two verified copies of every file.  With
+C{BENCH_E2E_KEEP_LOGS=DIR} the processes' logs of every run are copied to
+DIR before the run's folder is deleted.
 """
 
 from __future__ import annotations
@@ -187,6 +190,14 @@ def settle(quiet: float = 1.0, timeout: float = 30.0) -> float:
         elif time.monotonic() - since >= quiet:
             break
     return time.monotonic() - started
+
+
+def rsync_version() -> str:
+    try:
+        out = subprocess.run(["rsync", "--version"], capture_output=True, text=True).stdout
+    except OSError:
+        return "rsync (version unknown)"
+    return " ".join(out.split()[:3]) if out else "rsync (version unknown)"
 
 
 # --- the rsync pair -----------------------------------------------------------
@@ -520,7 +531,8 @@ def report(args, files: dict, baseline: list[float], baseline_cpu: list[float],
         f"cbackup-server, three cbackup-clients (one store each, quota "
         f"{args.quota / MiB:,.0f} MiB), each host on its own 127.0.0.x; "
         + ", ".join(f"`{k}: {v}`" for k, v in OPTIONS.items() if k != "SECRET")
-        + f", a SECRET. {len(baseline)} alternating runs, fresh destinations, warm cache.",
+        + f", a SECRET. {len(baseline)} alternating runs, fresh destinations, warm cache, "
+        f"disks idle before each; {rsync_version()}.",
         "",
         "| figure | value | target |",
         "|---|---|---|",
@@ -569,7 +581,7 @@ def main() -> int:
     parser.add_argument("--folders", type=int, default=100)
     parser.add_argument("--big", type=int, default=4, help="big files")
     parser.add_argument("--big-size", type=parse_size, default=256 * MiB)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--dir", default=None, help="where to make the scratch folder")
     parser.add_argument("--timeout", type=float, default=600.0, help="per cluster run")
