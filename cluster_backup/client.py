@@ -12,11 +12,12 @@ granted it.
 from __future__ import annotations
 
 import os
+import random
 import time
 from collections import defaultdict
 from typing import Optional
 
-from twisted.application.internet import ClientService, TimerService, backoffPolicy
+from twisted.application.internet import ClientService, TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.protocol import Factory
@@ -27,7 +28,7 @@ from twisted.protocols import amp
 from cluster_backup import planner, session, transfer
 from cluster_backup.config import Cluster, Source, Store as StoreConfig
 from cluster_backup.protocol import UnknownPath
-from cluster_backup.records import ReportAnswer
+from cluster_backup.records import ReportAnswer, rank
 from cluster_backup.store import Store
 from cluster_backup.units import human_size
 
@@ -36,8 +37,31 @@ log = Logger()
 #: Most needs asked of one source per round, and most files per rsync run.
 NEEDS_PER_ROUND = 2000
 FILES_PER_BATCH = 1000
-#: Pause between rounds while there is work (seconds).
-BUSY_PAUSE = 0.2
+#: Pause between rounds while there is work (seconds): only a breath, since a
+#: round that did work is worth repeating at once.
+BUSY_PAUSE = 0.05
+#: First pause before asking again a server that answered in safemode; it
+#: doubles at each answer in safemode, up to C{REPORT INTERVAL}.  Safemode
+#: ends as soon as the last store has reported, typically seconds after a
+#: start: waiting a whole report interval would leave stores idle that long.
+SAFEMODE_RETRY = 0.1
+
+#: Reconnecting to a server: the first retry after about RECONNECT_FIRST
+#: seconds (a client started together with its server finds it listening
+#: a moment later), 1.5 times longer after each failure, at most
+#: RECONNECT_MAX (see L{reconnect_delay}).
+RECONNECT_FIRST = 0.25
+RECONNECT_MAX = 60.0
+
+
+def reconnect_delay(failures: int, jitter=random.random) -> float:
+    """
+    Seconds before the next attempt after C{failures} (>= 1) failed ones: a
+    ClientService C{retryPolicy}.  Each delay is stretched by up to a half at
+    random, so the stores of a restarted server do not all knock at once.
+    """
+    base = min(RECONNECT_MAX, RECONNECT_FIRST * 1.5 ** min(failures - 1, 100))
+    return base * (1 + jitter() / 2)
 
 
 async def release_claims(proto, source_id: str, store_id: str, paths: list) -> None:
@@ -85,8 +109,7 @@ class ServerLink:
         endpoint = session.server_endpoint(reactor, address, port)
         factory = Factory.forProtocol(lambda: _LinkProtocol(self))
         self.service = ClientService(
-            endpoint, factory, retryPolicy=backoffPolicy(initialDelay=1.0, maxDelay=60.0),
-            clock=reactor)
+            endpoint, factory, retryPolicy=reconnect_delay, clock=reactor)
         self.proto: Optional[amp.AMP] = None
 
     def connected(self, proto: amp.AMP) -> None:
@@ -147,9 +170,15 @@ class Agent(MultiService):
         #: not run (the server went away mid-batch): not reported until checked.
         self.unverified: dict[str, set[bytes]] = {}
         self.warned_too_big: set[tuple[str, bytes]] = set()
+        #: Whether the last round found a server in safemode, and the pause
+        #: before asking again (see L{SAFEMODE_RETRY}).
+        self.in_safemode = False
+        self._safemode_pause: Optional[float] = None
         self._next: Optional[object] = None
         self._running: Optional[Deferred] = None
-        self._cancel = None
+        #: The check and report of the previous round's last batch, if running.
+        self._checking: Optional[Deferred] = None
+        self._cancels: set = set()  # of the rsyncs running (a fetch and a check)
         self._stopping = False
 
     # --- lifecycle -----------------------------------------------------
@@ -180,13 +209,19 @@ class Agent(MultiService):
         self._stopping = True
         if self._next is not None and self._next.active():
             self._next.cancel()
-        if self._cancel is not None:
-            self._cancel()
-        running = self._running
-        d = super().stopService()
-        if running is not None:
-            d = running.addBoth(lambda _: d)
-        return d
+        for cancel in list(self._cancels):
+            cancel()
+        stopped = super().stopService()
+        # Fires once the round and the check in flight have ended (no new
+        # rsync starts now, see _rsync), then with the children's stop.
+        return ensureDeferred(self._quiet()).addBoth(lambda _: stopped)
+
+    async def _quiet(self) -> None:
+        """Wait for the round in flight, then for the check it leaves running."""
+        if self._running is not None:
+            await self._running  # never fails: see _round
+        if self._checking is not None:
+            await self._checking  # never fails: see fetch_batch
 
     def wake(self, delay: float = 0.0) -> None:
         """Run a round after C{delay} seconds (sooner than any planned one)."""
@@ -204,15 +239,25 @@ class Agent(MultiService):
 
         def done(result):
             self._running = None
-            busy = result is True
             if not self._stopping:
-                self.wake(BUSY_PAUSE if busy else self.cluster.options.report_interval)
+                self.wake(self._pause(result is True))
 
         def failed(failure):
             log.failure("{store}: round failed", failure, store=self.id)
             return False
 
         self._running.addErrback(failed).addCallback(done)
+
+    def _pause(self, busy: bool) -> float:
+        """Seconds until the next round, after one that was C{busy} or not."""
+        interval = self.cluster.options.report_interval
+        if not self.in_safemode:
+            self._safemode_pause = None
+        elif not busy:
+            pause = self._safemode_pause
+            self._safemode_pause = min(interval, SAFEMODE_RETRY if pause is None else 2 * pause)
+            return self._safemode_pause
+        return BUSY_PAUSE if busy else interval
 
     # --- reports -------------------------------------------------------
 
@@ -265,7 +310,11 @@ class Agent(MultiService):
         One plan-and-act round.  True when it did or awaits work (so the
         next round comes soon), False when there was nothing to do.
         """
+        # Still checking the previous round's last batch while asking for
+        # needs: what that check removes is not among them.
+        checking_before = self._checking is not None and not self._checking.called
         offered: list[tuple[str, list]] = []
+        safe = False
         for source in self.sources:
             proto = self._proto(source)
             if proto is None:
@@ -280,8 +329,11 @@ class Agent(MultiService):
                 log.warn("{store}: asking {source} for needs failed: {why}",
                          store=self.id, source=source.id, why=str(e) or repr(e))
                 continue
-            if not safemode:
+            if safemode:
+                safe = True
+            else:
                 offered.append((source.id, needs))
+        self.in_safemode = safe
         held: list[planner.Held] = []
         # Swaps need the copies of what we hold.  Ask only when the offered
         # files do not all fit, and ask every source: the surplus to drop
@@ -305,9 +357,10 @@ class Agent(MultiService):
                    for (sid, path), since in self.store.orphans().items()
                    if path in files.get(sid, {})]
         self.store.refresh_quota()
+        parents: dict = {}  # nothing on disk changes while planning (Store.cost)
         plan = planner.plan(
             free=self.store.free, quota=self.store.quota or 0, needs=offered,
-            cost=self._cost, now=now,
+            cost=lambda sid, path, size: self._cost(sid, path, size, parents), now=now,
             keep_deleted={s.id: s.keep_deleted for s in self.sources},
             held=held, orphans=orphans, busy=frozenset(self.busy),
             no_drop=frozenset(self.no_drop))
@@ -325,11 +378,37 @@ class Agent(MultiService):
         by_source: dict[str, list] = defaultdict(list)
         for sid, need in plan.fetch:
             by_source[sid].append(need)
-        for sid, needs in by_source.items():
-            for i in range(0, len(needs), FILES_PER_BATCH):
-                if self._stopping:
-                    return False
-                fetched += await self.fetch_batch(self.by_id[sid], needs[i:i + FILES_PER_BATCH])
+        # Largest first within a rank (rarest stays first): long transfers
+        # start early and a fill ends on short batches, so stores finish
+        # together instead of waiting on one that drew a big file last.
+        for needs in by_source.values():
+            needs.sort(key=lambda n: (rank(n.copies, n.wanted), -n.size))
+        # Each batch's check against the source and its report (latency
+        # bound: a dry-run rsync and two AMP calls) overlap the next batch's
+        # transfer, the last one's the next round's start; at most one of
+        # each runs at a time.  (Its claims keep the batch out of the next
+        # round's needs; its files are already counted in the store's usage.)
+        checking, self._checking = self._checking, None
+        try:
+            if checking is not None and not by_source:
+                # Nothing to fetch: wait for the previous round's check; if it
+                # was still running when needs were asked, look again soon
+                # (what it removed, changed during its transfer, is wanted).
+                await checking
+                checking = None
+                return checking_before or bool(plan.drops or plan.delete_orphans)
+            for sid, needs in by_source.items():
+                for i in range(0, len(needs), FILES_PER_BATCH):
+                    if self._stopping:
+                        return False
+                    later: list = []
+                    fetched += await self.fetch_batch(self.by_id[sid],
+                                                      needs[i:i + FILES_PER_BATCH], later)
+                    if checking is not None:
+                        await checking
+                    checking = later[0]() if later else None
+        finally:
+            self._checking = checking
         return bool(fetched or plan.drops or plan.delete_orphans)
 
     async def _already_held(self, proto, source: Source, needs: list) -> list:
@@ -375,9 +454,9 @@ class Agent(MultiService):
             await release_claims(proto, source.id, self.id, sorted(granted))
         return sure + kept
 
-    def _cost(self, sid: str, path: bytes, size: int) -> int:
+    def _cost(self, sid: str, path: bytes, size: int, parents: Optional[dict] = None) -> int:
         source = self.by_id[sid]
-        return self.store.cost(source.host, source.path, path, size)
+        return self.store.cost(source.host, source.path, path, size, parents)
 
     def _remove(self, sid: str, path: bytes, reason: str, removed: dict) -> None:
         source = self.by_id[sid]
@@ -411,8 +490,16 @@ class Agent(MultiService):
                                                     **self.usage())
                 self.handle_answer(self.by_id[sid], answer)
 
-    async def fetch_batch(self, source: Source, needs: list) -> int:
-        """Claim, rsync, verify and report one batch; returns files fetched."""
+    async def fetch_batch(self, source: Source, needs: list,
+                          later: Optional[list] = None) -> int:
+        """
+        Claim, rsync, verify and report one batch; returns files fetched.
+        With C{later} (a list), return as soon as the files are on disk,
+        with how many are, and append to C{later} a function that starts
+        checking them against the source and reporting them and returns a
+        Deferred (that never fails: errors are logged): the caller fetches
+        its next batch meanwhile (see L{round}).
+        """
         proto = self._proto(source)
         if proto is None:
             return 0
@@ -441,11 +528,8 @@ class Agent(MultiService):
             if renew.running:
                 renew.stop()
             self.busy -= keys
-        arrived = []
-        for path in paths:
-            record = self.store.refresh(source.host, source.path, path)
-            if record is not None:
-                arrived.append(record)
+        found = self.store.refresh_many(source.host, source.path, paths)
+        arrived = [record for record in found.values() if record is not None]
         self.store.measure_state()
         if transfer.out_of_space(result.errors):
             quota = self.store.out_of_space()
@@ -453,6 +537,28 @@ class Agent(MultiService):
                      "files removed, effective quota now {quota} ({used} used)",
                      store=self.id, quota=human_size(quota),
                      used=human_size(max(0, self.store.used)))
+        if later is None:
+            return await self._settle_batch(source, grant, paths, before, arrived, result)
+
+        def settle() -> Deferred:
+            d = ensureDeferred(self._settle_batch(source, grant, paths, before, arrived, result))
+            return d.addErrback(self._settle_failed, source)
+
+        later.append(settle)
+        return len(arrived)
+
+    def _settle_failed(self, failure, source: Source) -> int:
+        log.failure("{store}: checking and reporting a batch of {source} failed", failure,
+                    store=self.id, source=source.id)
+        return 0
+
+    async def _settle_batch(self, source: Source, grant, paths: list, before: dict,
+                            arrived: list, result) -> int:
+        """
+        The end of L{fetch_batch}: check what arrived against the source (a
+        file rewritten during its transfer is removed, never counted), report
+        the rest, release the claims on what did not arrive.
+        """
         arrived, discarded = await self._keep_unchanged(source, grant, arrived, before)
         arrived_paths = {r.path for r in arrived}
         missing = [p for p in paths if p not in arrived_paths]
@@ -483,8 +589,11 @@ class Agent(MultiService):
         """
         Fetch C{paths} (or with C{check}, list those whose copy differs from
         the source now, see L{transfer.changed_since}).  A run that cannot
-        even start (say, no room for its file list) is a failed result.
+        even start (say, fork fails) is a failed result; once the agent is
+        stopping, none starts (a cancelled result).
         """
+        if self._stopping:
+            return transfer.TransferResult(None, "cancelled", (), (), 0.0, 0)
         dest = self.store.source_dir(source.host, source.path)
         if source.host == self.host:
             url, password = source.path, None
@@ -493,20 +602,20 @@ class Agent(MultiService):
             url, password = f"rsync://{e.user}@{e.host}:{e.port}/{e.module}/", e.password
         run = transfer.changed_since if check else transfer.fetch
         try:
-            d, self._cancel = run(
+            d, cancel = run(
                 self.reactor, source_url=url, password=password, dest_dir=os.fsdecode(dest),
                 paths=paths, partial_dir=os.fsdecode(self.store.partial_dir),
                 temp_dir=os.fsdecode(self.store.temp_dir),
-                state_dir=os.fsdecode(self.store.state_dir),
                 bwlimit=None if check else self.cluster.options.bwlimit)
         except OSError as e:
             log.warn("{store}: rsync for {source} did not start: {why}", store=self.id,
                      source=source.id, why=str(e))
             return transfer.TransferResult(None, "failed", (), (str(e),), 0.0, 0)
+        self._cancels.add(cancel)
         try:
             return await d
         finally:
-            self._cancel = None
+            self._cancels.discard(cancel)
 
     async def _keep_unchanged(self, source: Source, grant, arrived: list,
                               before: dict) -> tuple[list, list]:

@@ -89,23 +89,51 @@ def can_connect(address: str, port: int) -> bool:
 
 # --- processes -------------------------------------------------------------
 
-class Process:
-    """One C{twistd -n PLUGIN} child, logging to a file; stopped with TERM, then KILL."""
+#: Where L{precise_log_observer} writes (set by L{Process} for its child).
+LOG_FILE_ENV = "CBACKUP_LOG_FILE"
+#: twistd's log line timestamps, with microseconds.
+PRECISE_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%f%z"
 
-    def __init__(self, plugin: str, config: str, host: str, workdir: str, *extra: str):
+
+def precise_log_observer():
+    """
+    A twistd C{--logger}: the same text log as C{-l FILE}, but with
+    microsecond timestamps and never rotated, into C{$CBACKUP_LOG_FILE}.
+    For benchmarks, which time what happens inside the processes from their
+    logs (twistd's own timestamps have whole seconds).
+    """
+    from twisted.logger import textFileLogObserver
+
+    out = open(os.environ[LOG_FILE_ENV], "a", encoding="utf-8", errors="replace")
+    return textFileLogObserver(out, timeFormat=PRECISE_TIME_FORMAT)
+
+
+class Process:
+    """
+    One C{twistd -n PLUGIN} child, logging to a file; stopped with TERM, then
+    KILL.  With C{precise_times} the log's timestamps have microseconds
+    (L{precise_log_observer}); C{twistd_options} go to twistd itself (say,
+    C{--profile}).
+    """
+
+    def __init__(self, plugin: str, config: str, host: str, workdir: str, *extra: str,
+                 precise_times: bool = False, twistd_options: tuple = ()):
         self.plugin = plugin
         self.host = host
         self.logfile = os.path.join(workdir, f"{plugin}-{host}.log")
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-        self.argv = [twistd, "-n", "--pidfile=", "-l", self.logfile, plugin,
+        logging = (["--logger=cluster_backup.demo.precise_log_observer"] if precise_times
+                   else ["-l", self.logfile])
+        self.argv = [twistd, "-n", "--pidfile=", *logging, *twistd_options, plugin,
                      "-c", config, "--host", host, *extra]
+        self.env = dict(os.environ, **{LOG_FILE_ENV: self.logfile}) if precise_times else None
         self.workdir = workdir
         self.popen: Optional[subprocess.Popen] = None
 
     def start(self) -> "Process":
         self.popen = subprocess.Popen(
             self.argv, cwd=self.workdir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=open(self.logfile + ".stderr", "wb"))
+            stderr=open(self.logfile + ".stderr", "wb"), env=self.env)
         return self
 
     def running(self) -> bool:

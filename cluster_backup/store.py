@@ -230,6 +230,7 @@ class Store:
         self._state_bytes = 0
         self._used: Optional[int] = None
         self._orphans: dict[tuple[str, bytes], float] = self._load_orphans()
+        self._parts: dict[tuple[str, str], list[bytes]] = {}  # see _target
 
     @classmethod
     def from_config(cls, store, **kw) -> "Store":
@@ -265,19 +266,37 @@ class Store:
             return None
         return best[0], rel[len(best[1]) + 1:]
 
-    def _target(self, host: str, spath: str, relpath: bytes) -> tuple[bytes, int]:
+    def _target(self, host: str, spath: str, relpath: bytes,
+                parents: Optional[dict] = None) -> tuple[bytes, int]:
         """
         The absolute path of C{relpath} and how many of its parent
         directories do not exist yet.  Refuses bad paths and symlinked or
         non-directory parents.
+
+        C{parents}, when given, remembers what was found for each parent
+        directory, so the many files of one folder cost one walk: pass the
+        same dict only for calls between which nothing on disk changes.
         """
         problem = relpath_problem(relpath)
         if problem is not None:
             raise StoreError(f"refusing path {relpath!r}: {problem}")
-        parts = _source_parts(host, spath) + relpath.split(b"/")
+        top = self._parts.get((host, spath))
+        if top is None:
+            top = self._parts[(host, spath)] = _source_parts(host, spath)
+        parts = relpath.split(b"/")
+        key = (host, spath, *parts[:-1])
+        found = parents.get(key) if parents is not None else None
+        if found is None:
+            found = self._walk_parents(top + parts[:-1], relpath)
+            if parents is not None:
+                parents[key] = found
+        current, missing = found
+        return os.path.join(current, parts[-1]), missing
+
+    def _walk_parents(self, parts: list[bytes], relpath: bytes) -> tuple[bytes, int]:
         current = self.root
         missing = 0
-        for part in parts[:-1]:
+        for part in parts:
             current = os.path.join(current, part)
             if missing:
                 missing += 1
@@ -289,7 +308,7 @@ class Store:
                 raise StoreError(f"refusing {relpath!r}: {current!r} is a symlink")
             elif not stat.S_ISDIR(st.st_mode):
                 raise StoreError(f"refusing {relpath!r}: {current!r} is not a directory")
-        return os.path.join(current, parts[-1]), missing
+        return current, missing
 
     # --- inventory and usage --------------------------------------------
 
@@ -449,10 +468,18 @@ class Store:
         """Walk everything again (e.g. hourly, or after a killed rsync)."""
         self.inventory(self._sources)
 
-    def _refresh_dirs(self, parts: list[bytes]) -> None:
-        """Re-lstat the store root and the directories C{parts} lead through."""
+    def _refresh_dirs(self, parts: list[bytes], done: Optional[set] = None) -> None:
+        """
+        Re-lstat the store root and the directories C{parts} lead through;
+        with C{done} (tuples of parts), skip those in it and add those seen.
+        """
         rel = b""
         for i in range(len(parts) + 1):
+            if done is not None:
+                key = tuple(parts[:i])
+                if key in done:
+                    continue
+                done.add(key)
             if i:
                 rel = b"/".join(parts[:i])
             st = _lstat(os.path.join(self.root, rel) if rel else self.root)
@@ -470,11 +497,30 @@ class Store:
         written (fetched, replaced, or failed after creating directories):
         returns the record now on disk, or None.
         """
+        return self.refresh_many(source_host, source_path, [relpath])[relpath]
+
+    def refresh_many(self, source_host: str, source_path: str,
+                     relpaths: Iterable[bytes]) -> dict[bytes, Optional[FileRecord]]:
+        """
+        L{refresh} for every path of C{relpaths} (say, one rsync run's),
+        each folder on the way looked at once: relpath -> the record now on
+        disk, or None.
+        """
         self.used  # raises before inventory()
-        path, _ = self._target(source_host, source_path, relpath)
+        parents: dict = {}
+        refreshed: set = set()
+        out: dict[bytes, Optional[FileRecord]] = {}
+        for relpath in relpaths:
+            path, _ = self._target(source_host, source_path, relpath, parents)
+            dirs = (self._parts[(source_host, source_path)] + relpath.split(b"/"))[:-1]
+            self._refresh_dirs(dirs, refreshed)
+            out[relpath] = self._refresh_file(source_host, source_path, relpath, path)
+        return out
+
+    def _refresh_file(self, source_host: str, source_path: str, relpath: bytes,
+                      path: bytes) -> Optional[FileRecord]:
         sid = f"{source_host}:{source_path}"
         holdings = self.files.setdefault(sid, {})
-        self._refresh_dirs((_source_parts(source_host, source_path) + relpath.split(b"/"))[:-1])
         old = holdings.pop(relpath, None)
         if old is not None:
             self._file_bytes -= old.size
@@ -488,7 +534,8 @@ class Store:
         self._used += st.st_size
         return record
 
-    def cost(self, source_host: str, source_path: str, relpath: bytes, size: int) -> int:
+    def cost(self, source_host: str, source_path: str, relpath: bytes, size: int,
+             parents: Optional[dict] = None) -> int:
         """
         An upper bound on how much fetching C{relpath} (C{size} bytes) can
         add to C{du -sb} at its peak:
@@ -504,7 +551,7 @@ class Store:
         """
         if self.dir_costs is None:
             raise StoreError("call inventory() first")
-        _, missing = self._target(source_host, source_path, relpath)
+        _, missing = self._target(source_host, source_path, relpath, parents)
         c = self.dir_costs
         return size + missing * c.new_dir + (missing + 3) * c.entry
 

@@ -189,6 +189,33 @@ class UsageTests(unittest.SynchronousTestCase):
         self.assertIsNone(self.store.refresh(DATA.host, DATA.path, b"new/dirs/x"))
         self.assertEqual(self.store.used, du(self.store.root))
 
+    def test_refresh_many_is_refresh_of_each(self):
+        """One batch refresh gives the records and usage that refreshing each path gives."""
+        rels = [b"a/one", b"a/two", b"a/b/three", b"c/d/e/four", b"top", b"gone/x", b"a/b/missing"]
+        twin = Store(self.mktemp(), size=10**9)
+        twin.inventory([DATA, ROOTSRC])
+        for store in (self.store, twin):
+            sdir = store.source_dir(DATA.host, DATA.path)
+            for n, rel in enumerate(rels[:5]):
+                write(sdir + b"/" + rel, 100 * n + 1)
+            os.makedirs(sdir + b"/gone")  # rsync made the folder, then failed
+        got = self.store.refresh_many(DATA.host, DATA.path, rels)
+        each = {rel: twin.refresh(DATA.host, DATA.path, rel) for rel in rels}
+        self.assertEqual(got, each)
+        self.assertEqual(list(got), rels)
+        self.assertIsNone(got[b"gone/x"])
+        self.assertEqual(got[b"c/d/e/four"].size, 301)
+        self.assertEqual(self.store.files, twin.files)
+        self.assertEqual(self.store.used, du(self.store.root))
+        self.assertEqual(twin.used, du(twin.root))
+
+    def test_refresh_many_refuses_a_symlinked_folder(self):
+        sdir = self.store.source_dir(DATA.host, DATA.path)
+        write(sdir + b"/real/f", 10)
+        os.symlink(b"real", sdir + b"/link")
+        with self.assertRaises(StoreError):
+            self.store.refresh_many(DATA.host, DATA.path, [b"real/f", b"link/f"])
+
     def test_partials_measured_and_cleaned(self):
         write(self.store.partial_dir + b"/big", 50000)
         self.store.measure_state()
@@ -262,6 +289,14 @@ class CostTests(unittest.SynchronousTestCase):
 
     def test_empty_file(self):
         self.check(DATA, b"z/empty", 0)
+
+    def test_cost_with_remembered_parents_is_the_same(self):
+        write(self.store.source_dir(DATA.host, DATA.path) + b"/a/b/f", 10)
+        parents: dict = {}
+        for rel in (b"a/b/g", b"a/b/h", b"a/new/x", b"a/new/y", b"z/y/x/w", b"top"):
+            self.assertEqual(self.store.cost(DATA.host, DATA.path, rel, 7, parents),
+                             self.store.cost(DATA.host, DATA.path, rel, 7), rel)
+        self.assertEqual(len(parents), 4)  # a/b, a/new, z/y/x and the source folder
 
     def test_cost_refuses_bad_paths(self):
         self.assertRaises(StoreError, self.store.cost, DATA.host, DATA.path, b"../x", 1)

@@ -77,7 +77,8 @@ class BuildArgvTests(SynchronousTestCase):
         for opt in ("-a", "--numeric-ids", "-8", "-s", "--from0", "--ignore-times",
                     "--files-from=/store/.state/files-from",
                     "--partial-dir=/store/.state/partial", "--timeout=600",
-                    "--out-format=%i %l %b %n", "--no-motd", "--contimeout=600"):
+                    "--out-format=%i %l %b %n", "--no-motd", "--contimeout=600",
+                    "--sockopts=TCP_NODELAY"):
             self.assertIn(opt, argv)
         self.assertFalse(any(a.startswith("--bwlimit") for a in argv))
         self.assertNotIn("--delay-updates", argv)
@@ -87,6 +88,7 @@ class BuildArgvTests(SynchronousTestCase):
         self.assertEqual(argv[-2], "/data/src/")
         self.assertNotIn("--no-motd", argv)
         self.assertFalse(any(a.startswith("--contimeout") for a in argv))
+        self.assertFalse(any(a.startswith("--sockopts") for a in argv))
 
     def test_partial_dir_absolute(self):
         for name in ("partial_dir", "dest_dir", "files_from", "temp_dir"):
@@ -177,8 +179,13 @@ class FakeProcess:
         self.env = env
         self.path = path
         self.signals = []
+        self.stdin = b""
         self.stdin_closed = False
         self.ended = False
+
+    def write(self, data):
+        assert not self.stdin_closed, "write after closeStdin"
+        self.stdin += data
 
     def closeStdin(self):
         self.stdin_closed = True
@@ -207,11 +214,11 @@ class FakeProcessReactor(Clock):
     def spawnProcess(self, proto, executable, args, env=None, path=None, **kw):
         proc = FakeProcess(self, proto, executable, args, env, path)
         self.processes.append(proc)
-        # files-from must exist while rsync runs: read it now.
-        [opt] = [a for a in args if a.startswith("--files-from=")]
-        with open(opt.split("=", 1)[1], "rb") as f:
-            proc.files_from = f.read()
         proto.makeConnection(proc)
+        # The list comes on stdin, whole, before EOF.
+        assert "--files-from=-" in args, args
+        assert proc.stdin_closed
+        proc.files_from = proc.stdin
         return proc
 
 
@@ -228,7 +235,6 @@ class ProtocolTests(SynchronousTestCase):
             dest_dir="/store/h1/src",
             paths=[b"b", b"new\nline", b"a"],
             partial_dir=os.path.abspath(os.path.join(self.state, "partial")),
-            state_dir=self.state,
             rsync=RSYNC,
         )
         args.update(kw)
@@ -263,8 +269,7 @@ class ProtocolTests(SynchronousTestCase):
         proto.childDataReceived(1, b"cd+++++++++ 4096 0 a/\n>f+++++++++ 10 5")
         proto.childDataReceived(1, b"3 a\n>f+++++++++ 8 51 new\\#012line\n")
         proto.childDataReceived(2, b"rsync: [sender] link_stat \"b\" failed\n")
-        listed = [n for n in os.listdir(self.state) if n.startswith("files-from-")]
-        self.assertEqual(len(listed), 1)  # kept while rsync runs
+        self.assertEqual(os.listdir(self.state), ["partial"])  # no list file, even now
         proc.end(23)
         [result] = results
         self.assertEqual(result.exit_code, 23)
@@ -317,23 +322,30 @@ class ProtocolTests(SynchronousTestCase):
 
     def test_bad_path_spawns_nothing(self):
         self.assertRaises(ValueError, fetch, self.reactor, source_url="/x", password=None,
-                          dest_dir="/d", paths=[b"../x"], partial_dir="/p",
-                          state_dir=self.state)
+                          dest_dir="/d", paths=[b"../x"], partial_dir="/p")
         self.assertEqual(self.reactor.processes, [])
 
-    def test_spawn_error_removes_list(self):
+    def test_spawn_error_leaves_nothing(self):
         def boom(*a, **kw):
             raise OSError("no fork")
 
         self.reactor.spawnProcess = boom
         self.assertRaises(OSError, fetch, self.reactor, source_url="/x", password=None,
                           dest_dir="/d", paths=[b"x"], partial_dir=os.path.abspath(self.state + "/p"),
-                          state_dir=self.state, rsync=RSYNC)
+                          rsync=RSYNC)
         self.assertEqual(os.listdir(self.state), ["p"])
+
+    def test_no_list_file_in_the_store(self):
+        """The list goes to stdin: nothing beyond the fetched files lands in the store."""
+        paths = [b"x" * 200 + b"%d" % i for i in range(500)]
+        self.start(paths=paths)
+        [proc] = self.reactor.processes
+        self.assertEqual(proc.files_from, files_from_bytes(paths))
+        self.assertEqual(os.listdir(self.state), ["partial"])
 
     def test_empty_batch(self):
         d, _ = fetch(self.reactor, source_url="/x", password=None, dest_dir="/d",
-                     paths=[], partial_dir="/p", state_dir=self.state)
+                     paths=[], partial_dir="/p")
         self.assertEqual(self.successResultOf(d).status, "ok")
         self.assertEqual(self.reactor.processes, [])
 
@@ -415,7 +427,6 @@ class RealRsyncTests(TestCase):
             dest_dir=self.dest,
             paths=paths,
             partial_dir=self.partial,
-            state_dir=self.state,
             **kw,
         )
 
@@ -453,6 +464,20 @@ class RealRsyncTests(TestCase):
         self.assertEqual((len(complete), bad), (len(wanted), []))
         self.assertEqual(os.listdir(self.partial), [])
         self.assertEqual(os.listdir(self.state), ["partial"])
+
+    async def test_long_list_through_stdin(self):
+        """A list far beyond a pipe's buffer (64 KiB) reaches rsync whole."""
+        names = [b"many/%04d-" % i + b"n" * 150 for i in range(2000)]
+        for name in names:
+            path = os.path.join(self.src, name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(name[-3:])
+        d, _ = self.fetch(names)
+        result = await d
+        self.assertEqual((result.status, result.exit_code), ("ok", 0), result.errors)
+        self.assertEqual(result.transferred, set(names))
+        self.assertEqual(self.dest_files(), set(names))
 
     async def test_vanished(self):
         wanted = [b"top.txt", b"dir/with space.txt"]
