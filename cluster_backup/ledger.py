@@ -191,6 +191,10 @@ class Ledger:
         self._mtime = array("q")
         self._count = bytearray()  # live copies incl. claims (its tier), capped
         self._big: dict[int, int] = {}  # exact counts of _CAP and more
+        # 1 where a file has fewer real live copies than wanted (claims not
+        # counted), and how many do: greedy fill waits until none does.
+        self._low = bytearray()
+        self._lows = 0
         self._holders: list[int] = []  # mask of stores holding it current
         self._free: list[int] = []
         self._tally: dict[int, list[int]] = {}  # count -> [files, bytes]
@@ -325,8 +329,15 @@ class Ledger:
                 del self._big[i]
 
     def _recount(self, i: int) -> None:
-        """Move file C{i} to the tier of its live copy count."""
+        """Move file C{i} to the tier of its live copy count; mark it low or not."""
         m = self._holders[i] & self._live
+        real = self._ncopies.get(m)
+        if real is None:
+            real = self._hosts_in(m)
+        low = real < self.copies
+        if low != self._low[i]:
+            self._low[i] = low
+            self._lows += 1 if low else -1
         claims = self._claims.get(i)
         if claims:
             for s in claims:
@@ -345,9 +356,6 @@ class Ledger:
         for i, m in enumerate(self._holders):
             if m & bit:
                 self._recount(i)
-
-    def _under(self) -> int:
-        return sum(t[0] for c, t in self._tally.items() if c < self.copies)
 
     # -- holdings -----------------------------------------------------------
 
@@ -414,6 +422,7 @@ class Ledger:
             self._size[i] = size
             self._mtime[i] = mtime
             self._count[i] = 0
+            self._low[i] = 1
             self._holders[i] = 0
             if self._seen is not None and i < len(self._seen):
                 self._seen[i] = 1
@@ -423,9 +432,11 @@ class Ledger:
             self._size.append(size)
             self._mtime.append(mtime)
             self._count.append(0)
+            self._low.append(1)
             self._holders.append(0)
             if self._seen is not None:
                 self._seen.append(1)
+        self._lows += 1
         self._ids[path] = i
         self._bytes += size
         t = self._tally.get(0)
@@ -510,6 +521,9 @@ class Ledger:
             del self._tally[c]
         self._big.pop(i, None)
         self._count[i] = _CAP  # not in _big: in no tier at all
+        if self._low[i]:
+            self._low[i] = 0
+            self._lows -= 1
         self._bytes -= version[0]
         del self._ids[path]
         self._paths[i] = None
@@ -973,8 +987,10 @@ class Ledger:
         C{store} wants to fetch C{paths}; grant those its host neither holds
         nor claims and that still need a copy (fewer than C{copies}, counting
         live claims).  With C{fill} (greedy fill: the store was offered them
-        at or above their copies) such a path is also granted once no file
-        of the source is below C{copies}.  Without it, a need that went
+        at or above their copies) such a path is also granted once every
+        file of the source has C{copies} real live copies (claims do not
+        count: surplus waits until the needed transfers are done, rather
+        than compete with them).  Without it, a need that went
         stale between L{needs} and this claim (other stores claimed it
         meanwhile) is refused, so it does not become an unplanned surplus
         copy.  A grant counts as a copy on its host for C{claim_ttl}
@@ -1005,7 +1021,7 @@ class Ledger:
                 continue
             if claimers and any(mine >> t & 1 for t in claimers):
                 continue
-            if self._copies(i) >= copies and (not fill or self._under()):
+            if self._copies(i) >= copies and (not fill or self._lows):
                 continue
             if claimers is None:
                 claims[i] = {s: deadline}

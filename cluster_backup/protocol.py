@@ -558,9 +558,10 @@ class Claim(_Command):
     while it is still below the source's C{copies} (live claims count), so
     a need other stores took meanwhile is refused rather than fetched as an
     unplanned extra copy.  With C{fill} true (greedy fill: the store was
-    offered them at or above their copies) they are also granted once no
-    file of the source is below its copies.  Renewing one's own claim is
-    always granted.
+    offered them at or above their copies) they are also granted once every
+    file of the source has its copies in real holdings (claims do not count:
+    surplus waits for the needed transfers rather than compete with them).
+    Renewing one's own claim is always granted.
     """
 
     commandName = b"claim"

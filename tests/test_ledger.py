@@ -237,8 +237,17 @@ class ClaimTests(SynchronousTestCase):
         ledger, _ = make(copies=1, files=[b"f", b"g"])
         ledger.report("b:/1", [rec(b"f")])
         self.assertEqual(ledger.claim("c:/1", [b"f"], fill=True), [])
+        # g's claim makes it count as a copy, but fill waits for the copy itself.
+        self.assertEqual(ledger.claim("d:/1", [b"g"]), [b"g"])
+        self.assertEqual(ledger.claim("c:/1", [b"f"], fill=True), [])
         ledger.report("d:/1", [rec(b"g")])
         self.assertEqual(ledger.claim("c:/1", [b"f"], fill=True), [b"f"])
+        # A holder dying makes g low again: no more fill meanwhile.
+        self.assertEqual(ledger.claim("a:/1", [b"f"], fill=True), [b"f"])
+        ledger.drop("d:/1", [b"g"])  # refused: the only copy
+        ledger.report("d:/1", removed=[b"g"])
+        self.assertEqual(ledger.claim("c:/1", [b"g"]), [b"g"])  # a need again
+        self.assertEqual(ledger.claim("a:/2", [b"g"], fill=True), [])
 
     def test_a_need_is_granted_only_while_below_copies(self):
         """A need others claimed meanwhile is refused, even once nothing is under."""
@@ -248,9 +257,12 @@ class ClaimTests(SynchronousTestCase):
         self.assertEqual(ledger.claim("b:/1", [b"f", b"g"]), [b"f", b"g"])
         # f and g are at 2 copies (a's holding, b's claim): c's need went stale.
         self.assertEqual(ledger.claim("c:/1", [b"f"]), [])
+        # As fill it waits until b's copies are there.
+        self.assertEqual(ledger.claim("c:/1", [b"f"], fill=True), [])
+        ledger.report("b:/1", [rec(b"f"), rec(b"g")])
         self.assertEqual(ledger.claim("c:/1", [b"f"], fill=True), [b"f"])
         # Renewing one's own claim needs no flag.
-        self.assertEqual(ledger.claim("b:/1", [b"g"]), [b"g"])
+        self.assertEqual(ledger.claim("c:/1", [b"f"]), [b"f"])
 
     def test_release(self):
         ledger, _ = make(copies=1, files=[b"f", b"g"])
@@ -1069,7 +1081,7 @@ class ModelTests(SynchronousTestCase):
             self.assertRaises(UnknownPath, ledger.claim, store, [path], fill)
             return
         renew = store in model.claimers(path)
-        under = any(model.with_claims(p) < COPIES for p in model.current)
+        under = any(len(model.hosts(p)) < COPIES for p in model.current)  # real copies
         expected = not model.safe and (
             renew
             or (not model.host_has(store, path)
