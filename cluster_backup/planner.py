@@ -15,7 +15,7 @@ space shows up in C{free}.
 
 from __future__ import annotations
 
-from typing import AbstractSet, Callable, Mapping, Sequence
+from typing import AbstractSet, Callable, Mapping, Optional, Sequence
 
 from attrs import field, frozen
 
@@ -104,6 +104,56 @@ def may_swap(wanted: Need, surplus: Held) -> bool:
     return wanted.copies <= surplus.copies - SWAP_MARGIN
 
 
+class _Pool:
+    """
+    The surplus copies a plan may ask to drop, in drop order: most surplus
+    first, then most copies, then largest, then by source and path.
+
+    Whether a copy may be swapped for a wanted file (L{may_swap}) depends
+    only on its copies and wanted copies, so the pool is kept as classes of
+    equal (surplus, copies), each a list in drop order with its unclaimed
+    bytes.  A search for room walks the classes the wanted file may swap
+    with, and one that cannot succeed costs a sum over the classes instead
+    of a walk over every copy (the hot spot of a full store offered
+    thousands of files).  Copies taken are always the front of their class.
+    """
+
+    def __init__(self, held: Sequence[Held], no_drop: AbstractSet[Key]):
+        groups: dict[tuple[int, int], list[Held]] = {}
+        for h in held:
+            if h.copies > h.wanted and (h.source, h.path) not in no_drop:
+                groups.setdefault((h.surplus, h.copies), []).append(h)
+        # [a member (for may_swap), members in drop order, next untaken, bytes untaken]
+        self.classes: list[list] = []
+        for key in sorted(groups, key=lambda k: (-k[0], -k[1])):
+            members = sorted(groups[key], key=lambda h: (-h.size, h.source, h.path))
+            self.classes.append([members[0], members, 0, sum(h.size for h in members)])
+
+    def take(self, need: Need, short: int) -> Optional[list[Held]]:
+        """
+        The first copies in drop order that may make room for C{need}
+        whose sizes add up to at least C{short}, taken out of the pool; or
+        C{None} (nothing taken) when all of them together would not.
+        """
+        eligible = [c for c in self.classes if c[2] < len(c[1]) and may_swap(need, c[0])]
+        if sum(c[3] for c in eligible) < short:
+            return None
+        chosen: list[Held] = []
+        freed = 0
+        for c in eligible:
+            if freed >= short:
+                break
+            members, i = c[1], c[2]
+            while i < len(members) and freed < short:
+                h = members[i]
+                chosen.append(h)
+                freed += h.size
+                c[3] -= h.size
+                i += 1
+            c[2] = i
+        return chosen
+
+
 def plan(
     *,
     free: int,
@@ -123,12 +173,13 @@ def plan(
     C{free}: quota minus used, bytes (may be negative).  C{quota}: the
     store's whole quota.  C{needs}: per source id, in the server's order,
     the needs it offered.  C{cost(source, path, size)}: the bytes fetching
-    would add at its peak (L{cluster_backup.store.Store.cost}).
-    C{keep_deleted}: seconds per source id (a source not in it: orphans
-    never expire).  C{held}: this store's files, with copies from the
-    server.  C{orphans}: this store's orphans.  C{busy}: files this host
-    holds or is fetching through any of its stores (rule 2).  C{no_drop}:
-    held files not to ask about (a request pending, or refused lately).
+    would add at its peak (L{cluster_backup.store.Store.cost}); called at
+    most once per offered file.  C{keep_deleted}: seconds per source id (a
+    source not in it: orphans never expire).  C{held}: this store's files,
+    with copies from the server.  C{orphans}: this store's orphans.
+    C{busy}: files this host holds or is fetching through any of its stores
+    (rule 2).  C{no_drop}: held files not to ask about (a request pending,
+    or refused lately).
 
     Needs are taken rarest first across sources by L{rank}, ties in the
     order the servers gave (then source order).  Each that fits is
@@ -136,50 +187,70 @@ def plan(
     they make it fit, else requests surplus drops (most surplus first) if
     those would, after which nothing more is fetched this round, so the
     space the drops make is not taken by a less rare file.
+
+    Greedy fill (files offered at or above their copies) waits while
+    anything offered is still below its copies and could fit at all.
     """
     result = Plan()
-    # Greedy fill waits while anything offered is still below its copies
-    # (and could fit at all): surplus taken now would only be swapped out
-    # again for the rarer files, and fetched again by the next store.
-    wait_fill = any(n.copies < n.wanted and cost(sid, n.path, n.size) <= quota
-                    for sid, offered in needs for n in offered)
     room = free
-    expired_keys: set[Key] = set()
     young: list[Orphan] = []
     for o in sorted(orphans, key=lambda o: (o.since, o.source, o.path)):
         keep = keep_deleted.get(o.source)
         if keep is not None and now - o.since >= keep:
             result.delete_orphans.append((o.source, o.path))
-            expired_keys.add((o.source, o.path))
             room += o.size
         else:
             young.append(o)
 
-    skip: set[Key] = set(busy)
-    skip.update((h.source, h.path) for h in held)
-    skip.update((o.source, o.path) for o in orphans)
+    # Greedy fill waits while anything offered is still below its copies
+    # (and could fit at all): surplus taken now would only be swapped out
+    # again for the rarer files, and fetched again by the next store.
+    # Every offer counts here, held or busy ones too.
+    costs: dict[tuple[str, int], int] = {}  # (source, id(need)) -> cost
+    wait_fill = False
+    for sid, offered in needs:
+        for n in offered:
+            if n.copies < n.wanted:
+                c = costs[(sid, id(n))] = cost(sid, n.path, n.size)
+                if c <= quota:
+                    wait_fill = True
+                    break
+        if wait_fill:
+            break
+
+    held_keys = {(h.source, h.path) for h in held}
+    orphan_keys = {(o.source, o.path) for o in orphans}
+    seen: set[Key] = set()  # a need listed twice is considered once
+    ranks: dict[tuple[int, int], tuple[int, float]] = {}
     candidates = []
     for order, (source, source_needs) in enumerate(needs):
         for index, need in enumerate(source_needs):
             key = (source, need.path)
-            if key in skip:
+            if key in seen or key in busy or key in held_keys or key in orphan_keys:
                 continue
-            skip.add(key)  # a need listed twice is considered once
+            seen.add(key)
             if wait_fill and need.copies >= need.wanted:
-                if cost(source, need.path, need.size) > quota:
+                c = costs.get((source, id(need)))
+                if c is None:
+                    c = cost(source, need.path, need.size)
+                if c > quota:
                     result.skipped_too_big.append(key)
                 continue
-            candidates.append((rank(need.copies, need.wanted), index, order, source, need))
-    candidates.sort(key=lambda c: c[:3])
+            r = ranks.get((need.copies, need.wanted))
+            if r is None:
+                r = ranks[(need.copies, need.wanted)] = rank(need.copies, need.wanted)
+            # (rank, index, order) is unique: the sort never compares further.
+            candidates.append((r, index, order, source, need))
+    candidates.sort()
 
-    pool = sorted(
-        (h for h in held if h.copies > h.wanted and (h.source, h.path) not in no_drop),
-        key=lambda h: (-h.surplus, -h.copies, -h.size, h.source, h.path),
-    )
+    pool: Optional[_Pool] = None  # built when first needed
     young_room = sum(o.size for o in young)
+    next_young = 0
     closed = False  # drops were requested: fetch nothing more this round
     for _, _, _, source, need in candidates:
-        c = cost(source, need.path, need.size)
+        c = costs.get((source, id(need)))
+        if c is None:
+            c = cost(source, need.path, need.size)
         if c > quota:
             result.skipped_too_big.append((source, need.path))
             continue
@@ -189,26 +260,20 @@ def plan(
             continue
         if not closed and c <= room + young_room:
             while room < c:
-                o = young.pop(0)
+                o = young[next_young]
+                next_young += 1
                 result.delete_orphans.append((o.source, o.path))
                 room += o.size
                 young_room -= o.size
             result.fetch.append((source, need))
             room -= c
             continue
-        short = c - (0 if closed else room + young_room)
-        chosen = []
-        freed = 0
-        for h in pool:
-            if freed >= short:
-                break
-            if may_swap(need, h):
-                chosen.append(h)
-                freed += h.size
-        if freed < short:
+        if pool is None:
+            pool = _Pool(held, no_drop)
+        chosen = pool.take(need, c - (0 if closed else room + young_room))
+        if chosen is None:
             continue  # cannot be made to fit now: a smaller one may
         for h in chosen:
-            pool.remove(h)
             why = ("below copies" if need.copies < need.wanted
                    else f"{need.copies} copies vs {h.copies}")
             result.drops.append(Drop(
