@@ -128,6 +128,9 @@ class _Pool:
         for key in sorted(groups, key=lambda k: (-k[0], -k[1])):
             members = sorted(groups[key], key=lambda h: (-h.size, h.source, h.path))
             self.classes.append([members[0], members, 0, sum(h.size for h in members)])
+        self._eligible: dict[tuple[int, int], tuple[list[list], int]] = {}
+        #: Bytes of all copies not taken yet: no search can free more.
+        self.bytes = sum(c[3] for c in self.classes)
 
     def take(self, need: Need, short: int) -> Optional[list[Held]]:
         """
@@ -135,9 +138,17 @@ class _Pool:
         whose sizes add up to at least C{short}, taken out of the pool; or
         C{None} (nothing taken) when all of them together would not.
         """
-        eligible = [c for c in self.classes if c[2] < len(c[1]) and may_swap(need, c[0])]
-        if sum(c[3] for c in eligible) < short:
+        # Which classes may swap depends on the need's copies and wanted
+        # only: remembered until something is taken.
+        sig = (need.copies, need.wanted)
+        found = self._eligible.get(sig)
+        if found is None:
+            eligible = [c for c in self.classes if c[2] < len(c[1]) and may_swap(need, c[0])]
+            found = self._eligible[sig] = (eligible, sum(c[3] for c in eligible))
+        eligible, total = found
+        if total < short:
             return None
+        self._eligible.clear()
         chosen: list[Held] = []
         freed = 0
         for c in eligible:
@@ -151,6 +162,7 @@ class _Pool:
                 c[3] -= h.size
                 i += 1
             c[2] = i
+        self.bytes -= freed
         return chosen
 
 
@@ -173,8 +185,8 @@ def plan(
     C{free}: quota minus used, bytes (may be negative).  C{quota}: the
     store's whole quota.  C{needs}: per source id, in the server's order,
     the needs it offered.  C{cost(source, path, size)}: the bytes fetching
-    would add at its peak (L{cluster_backup.store.Store.cost}); called at
-    most once per offered file.  C{keep_deleted}: seconds per source id (a
+    would add at its peak (L{cluster_backup.store.Store.cost}).
+    C{keep_deleted}: seconds per source id (a
     source not in it: orphans never expire).  C{held}: this store's files,
     with copies from the server.  C{orphans}: this store's orphans.
     C{busy}: files this host holds or is fetching through any of its stores
@@ -206,33 +218,22 @@ def plan(
     # (and could fit at all): surplus taken now would only be swapped out
     # again for the rarer files, and fetched again by the next store.
     # Every offer counts here, held or busy ones too.
-    costs: dict[tuple[str, int], int] = {}  # (source, id(need)) -> cost
-    wait_fill = False
-    for sid, offered in needs:
-        for n in offered:
-            if n.copies < n.wanted:
-                c = costs[(sid, id(n))] = cost(sid, n.path, n.size)
-                if c <= quota:
-                    wait_fill = True
-                    break
-        if wait_fill:
-            break
+    wait_fill = any(n.copies < n.wanted and cost(sid, n.path, n.size) <= quota
+                    for sid, offered in needs for n in offered)
 
-    held_keys = {(h.source, h.path) for h in held}
-    orphan_keys = {(o.source, o.path) for o in orphans}
-    seen: set[Key] = set()  # a need listed twice is considered once
+    skip: set[Key] = set(busy)
+    skip.update((h.source, h.path) for h in held)
+    skip.update((o.source, o.path) for o in orphans)
     ranks: dict[tuple[int, int], tuple[int, float]] = {}
     candidates = []
     for order, (source, source_needs) in enumerate(needs):
         for index, need in enumerate(source_needs):
             key = (source, need.path)
-            if key in seen or key in busy or key in held_keys or key in orphan_keys:
+            if key in skip:
                 continue
-            seen.add(key)
+            skip.add(key)  # a need listed twice is considered once
+            c = cost(source, need.path, need.size)
             if wait_fill and need.copies >= need.wanted:
-                c = costs.get((source, id(need)))
-                if c is None:
-                    c = cost(source, need.path, need.size)
                 if c > quota:
                     result.skipped_too_big.append(key)
                 continue
@@ -240,17 +241,14 @@ def plan(
             if r is None:
                 r = ranks[(need.copies, need.wanted)] = rank(need.copies, need.wanted)
             # (rank, index, order) is unique: the sort never compares further.
-            candidates.append((r, index, order, source, need))
+            candidates.append((r, index, order, c, source, need))
     candidates.sort()
 
     pool: Optional[_Pool] = None  # built when first needed
     young_room = sum(o.size for o in young)
     next_young = 0
     closed = False  # drops were requested: fetch nothing more this round
-    for _, _, _, source, need in candidates:
-        c = costs.get((source, id(need)))
-        if c is None:
-            c = cost(source, need.path, need.size)
+    for _, _, _, c, source, need in candidates:
         if c > quota:
             result.skipped_too_big.append((source, need.path))
             continue
@@ -270,7 +268,8 @@ def plan(
             continue
         if pool is None:
             pool = _Pool(held, no_drop)
-        chosen = pool.take(need, c - (0 if closed else room + young_room))
+        short = c - (0 if closed else room + young_room)
+        chosen = pool.take(need, short) if short <= pool.bytes else None
         if chosen is None:
             continue  # cannot be made to fit now: a smaller one may
         for h in chosen:
