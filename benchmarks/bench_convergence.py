@@ -2,15 +2,18 @@
 Convergence of many stores: a simulation driving the real ledger and planner.
 
 No processes, no network, no disk: one real L{Ledger} per source and the
-real L{planner.plan}, under a fake clock (L{twisted.internet.task.Clock}).
+real L{planner.plan}, under a fake clock.
 Each simulated store keeps its holdings in memory and runs the loop of
 L{cluster_backup.client.Agent.round}, mirrored call for call:
 
   - at arrival, an (empty) inventory to every source, then a round at once;
     a lease renewal (a report with usage) every report interval;
-  - a round: C{needs} of every source, following cursors up to 2,000
-    (pages of 1,000); when the offered needs do not all fit in free space,
-    C{surplus} of every offered source (up to 10,000); C{plan} with a cost of
+  - a round: when the store is full (free space below every file offered
+    in its last round, within 5 report intervals), C{surplus} of every
+    source first, and nothing more when it has none; C{needs} of every
+    source, following cursors up to 2,000 (pages of 1,000); when the
+    offered needs do not all fit in free space, C{surplus} of every offered
+    source (up to 10,000; not again after the full-store ask); C{plan} with a cost of
     C{size}; drop requests (C{drop}), the granted copies deleted and
     reported; then per source, batches of 1,000: C{claim}, a transfer of
     the granted files taking C{bytes / --bandwidth} simulated seconds (the
@@ -18,7 +21,9 @@ L{cluster_backup.client.Agent.round}, mirrored call for call:
   - the next round after 0.2 s if the round did or awaits work, else after
     the report interval.
 
-Every ledger call is one simulated round trip of C{--latency} seconds, so
+Time runs on a heap of pending calls (L{HeapClock}: the same order as
+L{Clock}, which re-sorts all of them at every step; C{--list-clock} uses
+it).  Every ledger call is one simulated round trip of C{--latency} seconds, so
 stores that ask at the same moment all see the same needs before any of
 them claims (a herd).  A transfer's bytes count against the store's quota
 from its start (rsync's partial file grows to it).
@@ -195,6 +200,7 @@ class Stats:
         self.drop_asked = 0
         self.claims_asked = 0
         self.claims_granted = 0
+        self.full_rounds = 0  # rounds that asked surplus only (a full store, no surplus)
         self.last_progress = 0.0
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
@@ -386,6 +392,8 @@ class SimStore:
         self.inflight = 0  # bytes of transfers under way (counted in used)
         self.held: list[set[int]] = [set() for _ in sim.sources]
         self.no_drop: dict = {}
+        self.smallest_offer: Optional[int] = None
+        self.offers_at = 0.0
         self.arrival = 0.0
         self.rounds = 0
         self.running = False
@@ -468,22 +476,45 @@ class SimStore:
                 break
         return needs
 
+    def full(self) -> bool:
+        """L{client.Agent._full} (the simulated stores have no orphans)."""
+        smallest = self.smallest_offer
+        return (smallest is not None and self.free < smallest
+                and self.sim.clock.seconds() - self.offers_at
+                < client.REASK_FULL * REPORT_INTERVAL)
+
+    async def surplus_of(self, source_ids: list) -> list:
+        held: list = []
+        for sid in source_ids:
+            surplus = await self.list_surplus(self.sim.by_id[sid])
+            held += [planner.Held(sid, n.path, n.size, n.copies, n.wanted) for n in surplus]
+        return held
+
     async def round(self) -> bool:
         sim = self.sim
+        held = None
+        if self.full():
+            held = await self.surplus_of([src.id for src in sim.sources])
+            if not held:
+                sim.stats.full_rounds += 1
+                return False
         offered: list = []
         for src in sim.sources:
             needs, safemode = await self.list_all_needs(src, client.NEEDS_PER_ROUND)
             if not safemode:
                 offered.append((src.id, needs))
-        held: list = []
-        if sum(n.size for _, needs in offered for n in needs) > self.free:
-            for sid, _ in offered:
-                surplus = await self.list_surplus(sim.by_id[sid])
-                held += [planner.Held(sid, n.path, n.size, n.copies, n.wanted)
-                         for n in surplus]
+        asked = [sid for sid, _ in offered]
+        if held is not None:
+            held = [h for h in held if h.source in asked]
+        elif sum(n.size for _, needs in offered for n in needs) > self.free:
+            held = await self.surplus_of(asked)
+        else:
+            held = []
         if not offered:
             return False
         now = sim.clock.seconds()
+        self.smallest_offer = min((n.size for _, needs in offered for n in needs), default=None)
+        self.offers_at = now
         self.no_drop = {k: t for k, t in self.no_drop.items()
                         if now - t < REPORT_INTERVAL * 5}
         t = time.perf_counter()
@@ -723,7 +754,8 @@ def report(args) -> None:
         f"{checked['short']:,} files below copies (ledgers: {checked['ledger_short']:,}) | every file at copies "
         f"({ok(all_copies)}) |",
         f"| rounds (all stores) | {st.rounds:,}; per store median "
-        f"{rounds_per_store[len(rounds_per_store) // 2]}, max {rounds_per_store[-1]} | |",
+        f"{rounds_per_store[len(rounds_per_store) // 2]}, max {rounds_per_store[-1]}; "
+        f"{st.full_rounds:,} of a full store without surplus (no needs asked) | |",
         f"| wall / CPU time of the simulation | {wall:.1f} s / {cpu:.1f} s | |",
         f"| bytes transferred / minimum | {ratio:.4f} ({st.bytes:,} / {sim.minimum:,} B) "
         f"| <= {BYTES_TARGET} ({ok(ratio <= BYTES_TARGET)}) |",

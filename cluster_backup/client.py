@@ -38,6 +38,9 @@ NEEDS_PER_ROUND = 2000
 FILES_PER_BATCH = 1000
 #: Pause between rounds while there is work (seconds).
 BUSY_PAUSE = 0.2
+#: A full store asks for needs only when it holds surplus copies, or after
+#: this many report intervals (see L{Agent._full}).
+REASK_FULL = 5
 
 
 async def release_claims(proto, source_id: str, store_id: str, paths: list) -> None:
@@ -147,6 +150,9 @@ class Agent(MultiService):
         #: not run (the server went away mid-batch): not reported until checked.
         self.unverified: dict[str, set[bytes]] = {}
         self.warned_too_big: set[tuple[str, bytes]] = set()
+        #: The smallest file offered in the last round that had offers, and when.
+        self._smallest_offer: Optional[int] = None
+        self._offers_at = 0.0
         self._next: Optional[object] = None
         self._running: Optional[Deferred] = None
         self._cancel = None
@@ -265,6 +271,14 @@ class Agent(MultiService):
         One plan-and-act round.  True when it did or awaits work (so the
         next round comes soon), False when there was nothing to do.
         """
+        held: Optional[list[planner.Held]] = None
+        if self._full():
+            # Nothing offered last time fitted, and nothing here can go to
+            # make room: new offers could only be used for swaps, so ask
+            # for surplus first and for needs only if there is some.
+            held = await self._surplus([s.id for s in self.sources])
+            if not held:
+                return False
         offered: list[tuple[str, list]] = []
         for source in self.sources:
             proto = self._proto(source)
@@ -282,22 +296,22 @@ class Agent(MultiService):
                 continue
             if not safemode:
                 offered.append((source.id, needs))
-        held: list[planner.Held] = []
         # Swaps need the copies of what we hold.  Ask only when the offered
         # files do not all fit, and ask every source: the surplus to drop
         # may well belong to another source than the file that needs room.
-        if sum(n.size for _, needs in offered for n in needs) > self.store.free:
-            for sid, _ in offered:
-                source = self.by_id[sid]
-                proto = self._proto(source)
-                if proto is None:
-                    continue
-                surplus = await session.list_surplus(proto, sid, self.id)
-                held += [planner.Held(sid, n.path, n.size, n.copies, n.wanted)
-                         for n in surplus]
+        asked = [sid for sid, _ in offered]
+        if held is not None:
+            held = [h for h in held if h.source in asked]
+        elif sum(n.size for _, needs in offered for n in needs) > self.store.free:
+            held = await self._surplus(asked)
+        else:
+            held = []
         if not offered:
             return False
         now = self.reactor.seconds()
+        self._smallest_offer = min((n.size for _, needs in offered for n in needs),
+                                   default=None)
+        self._offers_at = now
         self.no_drop = {k: t for k, t in self.no_drop.items()
                         if now - t < self.cluster.options.report_interval * 5}
         files = self.store.files
@@ -331,6 +345,31 @@ class Agent(MultiService):
                     return False
                 fetched += await self.fetch_batch(self.by_id[sid], needs[i:i + FILES_PER_BATCH])
         return bool(fetched or plan.drops or plan.delete_orphans)
+
+    def _full(self) -> bool:
+        """
+        Whether this store's free space is smaller than every file offered
+        in its last round (so than any cost) and it has no orphans to
+        delete: then only swaps can use what the servers offer.  Forgotten
+        after L{REASK_FULL} report intervals, so files smaller than those
+        seen are found in time.
+        """
+        smallest = self._smallest_offer
+        return (smallest is not None and self.store.free < smallest
+                and self.reactor.seconds() - self._offers_at
+                < REASK_FULL * self.cluster.options.report_interval
+                and not self.store.orphans())
+
+    async def _surplus(self, source_ids: list) -> list:
+        """This store's surplus copies (L{planner.Held}) of C{source_ids}."""
+        held: list[planner.Held] = []
+        for sid in source_ids:
+            proto = self._proto(self.by_id[sid])
+            if proto is None:
+                continue
+            surplus = await session.list_surplus(proto, sid, self.id)
+            held += [planner.Held(sid, n.path, n.size, n.copies, n.wanted) for n in surplus]
+        return held
 
     async def _already_held(self, proto, source: Source, needs: list) -> list:
         """
