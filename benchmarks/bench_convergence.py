@@ -204,6 +204,9 @@ class Stats:
         self.last_progress = 0.0
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
+        self.longest: dict[str, float] = defaultdict(float)
+        self.items_in: dict[str, int] = defaultdict(int)  # paths or records passed
+        self.items_out: dict[str, int] = defaultdict(int)  # needs or paths answered
         self.max_used_fraction = 0.0
         self.source_done: dict[str, float] = {}
         # Fetches by what the file had when granted: below copies (needed);
@@ -287,13 +290,24 @@ class Sim:
     # -- driving --------------------------------------------------------
 
     def call(self, name: str, fn, *args):
-        """One ledger call, timed and counted."""
-        self.stats.calls[name] += 1
+        """
+        One ledger call, timed and counted under C{name} (the method, and
+        in brackets what for), with the items it was given and answered.
+        """
+        st = self.stats
+        st.calls[name] += 1
         t = time.perf_counter()
-        try:
-            return fn(*args)
-        finally:
-            self.stats.seconds[name] += time.perf_counter() - t
+        result = fn(*args)
+        dt = time.perf_counter() - t
+        st.seconds[name] += dt
+        if dt > st.longest[name]:
+            st.longest[name] = dt
+        st.items_in[name] += sum(len(a) for a in args if isinstance(a, (list, tuple)))
+        if isinstance(result, list):
+            st.items_out[name] += len(result)
+        elif isinstance(result, tuple):  # a page and its cursor
+            st.items_out[name] += len(result[0])
+        return result
 
     def rpc(self):
         """A round trip's worth of simulated time."""
@@ -420,9 +434,10 @@ class SimStore:
         for src in sim.sources:
             await sim.rpc()
             # report_inventory of an empty store: one page marked start+end.
-            sim.call("inventory", src.ledger.inventory_started, self.id)
-            sim.call("report", src.ledger.report, self.id, (), (), self.used, self.quota)
-            sim.call("inventory", src.ledger.inventory_finished, self.id)
+            sim.call("inventory_started", src.ledger.inventory_started, self.id)
+            sim.call("report (inventory)", src.ledger.report, self.id, (), (), self.used,
+                     self.quota)
+            sim.call("inventory_finished", src.ledger.inventory_finished, self.id)
         lease = LoopingCall(self.renew)
         lease.clock = sim.clock
         lease.start(REPORT_INTERVAL, now=False)
@@ -430,7 +445,8 @@ class SimStore:
 
     def renew(self) -> None:
         for src in self.sim.sources:
-            self.sim.call("report", src.ledger.report, self.id, (), (), self.used, self.quota)
+            self.sim.call("report (lease)", src.ledger.report, self.id, (), (), self.used,
+                          self.quota)
 
     def wake(self, delay: float) -> None:
         if not self.sim.done:
@@ -524,13 +540,17 @@ class SimStore:
             keep_deleted={s.id: KEEP_DELETED for s in sim.sources},
             held=held, orphans=[], busy=frozenset(self.host.busy),
             no_drop=frozenset(self.no_drop))
-        sim.stats.seconds["plan"] += time.perf_counter() - t
+        dt = time.perf_counter() - t
+        sim.stats.seconds["plan"] += dt
         sim.stats.calls["plan"] += 1
+        sim.stats.longest["plan"] = max(sim.stats.longest["plan"], dt)
+        sim.stats.items_in["plan"] += sum(len(n) for _, n in offered) + len(held)
+        sim.stats.items_out["plan"] += len(plan.fetch)
         removed: dict = defaultdict(list)
         await self._drops(plan.drops, removed)
         for sid, paths in removed.items():
             await sim.rpc()
-            sim.call("report", sim.by_id[sid].ledger.report, self.id, (), paths,
+            sim.call("report (removed)", sim.by_id[sid].ledger.report, self.id, (), paths,
                      self.used, self.quota)
         fetched = 0
         by_source: dict = defaultdict(list)
@@ -579,7 +599,8 @@ class SimStore:
         for fill in (False, True):
             some = [n.path for n in needs if (n.copies >= n.wanted) == fill]
             if some:
-                granted.update(sim.call("claim", ledger.claim, self.id, some, fill))
+                granted.update(sim.call("claim (fill)" if fill else "claim (needs)", ledger.claim,
+                                        self.id, some, fill))
         batch = [n for n in needs if n.path in granted]
         if not batch:
             return 0
@@ -609,7 +630,7 @@ class SimStore:
         self.check_quota()
         sim.stats.bytes += size
         sim.stats.files += len(batch)
-        renew = LoopingCall(lambda: sim.call("claim", ledger.claim, self.id, paths))
+        renew = LoopingCall(lambda: sim.call("claim (renew)", ledger.claim, self.id, paths))
         renew.clock = sim.clock
         renew.start(max(1.0, CLAIM_TTL / 3), now=False)
         try:
@@ -624,7 +645,7 @@ class SimStore:
             held.add(local_index(n.path))
         arrived = [FileRecord.unchecked(n.path, n.size, n.mtime) for n in batch]
         await sim.rpc()
-        sim.call("report", ledger.report, self.id, arrived, (), self.used, self.quota)
+        sim.call("report (fetched)", ledger.report, self.id, arrived, (), self.used, self.quota)
         for n in batch:  # a copy counts once the server knows it
             j = local_index(n.path)
             src.pending[j] -= 1
@@ -783,9 +804,29 @@ def report(args) -> None:
         f"{st.max_used_fraction:.4f} of its quota | never (met) |",
     ]
     total_calls = sum(st.seconds.values())
-    parts = ", ".join(f"{name} {st.calls[name]:,} calls {s:.1f} s"
-                      for name, s in sorted(st.seconds.items(), key=lambda kv: -kv[1]))
+    by_method: dict = defaultdict(lambda: [0, 0.0])
+    for name, s in st.seconds.items():
+        entry = by_method[name.split(" (")[0]]
+        entry[0] += st.calls[name]
+        entry[1] += s
+    parts = ", ".join(f"{name} {n:,} calls {s:.1f} s"
+                      for name, (n, s) in sorted(by_method.items(), key=lambda kv: -kv[1][1]))
     lines.append(f"| time in ledger/planner calls | {total_calls:.1f} s: {parts} | |")
+    lines += [
+        "",
+        "| call (what for) | calls | total s | ms per call | longest ms "
+        "| items given / answered per call |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, s in sorted(st.seconds.items(), key=lambda kv: -kv[1]):
+        n = st.calls[name]
+        lines.append(
+            f"| {name} | {n:,} | {s:.1f} | {1000 * s / n:.2f} | {1000 * st.longest[name]:.1f} "
+            f"| {st.items_in[name] / n:,.0f} / {st.items_out[name] / n:,.0f} |")
+    lines.append("")
+    lines.append("Items: needs and surplus, needs answered; claim and drop, paths given and "
+                 "granted; report, records held and paths removed; plan, needs and surplus "
+                 "copies given, fetches planned.")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.record:
