@@ -186,12 +186,11 @@ def plan(
     store's whole quota.  C{needs}: per source id, in the server's order,
     the needs it offered.  C{cost(source, path, size)}: the bytes fetching
     would add at its peak (L{cluster_backup.store.Store.cost}).
-    C{keep_deleted}: seconds per source id (a
-    source not in it: orphans never expire).  C{held}: this store's files,
-    with copies from the server.  C{orphans}: this store's orphans.
-    C{busy}: files this host holds or is fetching through any of its stores
-    (rule 2).  C{no_drop}: held files not to ask about (a request pending,
-    or refused lately).
+    C{keep_deleted}: seconds per source id (a source not in it: orphans
+    never expire).  C{held}: this store's files, with copies from the
+    server.  C{orphans}: this store's orphans.  C{busy}: files this host
+    holds or is fetching through any of its stores (rule 2).  C{no_drop}:
+    held files not to ask about (a request pending, or refused lately).
 
     Needs are taken rarest first across sources by L{rank}, ties in the
     order the servers gave (then source order).  Each that fits is
@@ -199,11 +198,13 @@ def plan(
     they make it fit, else requests surplus drops (most surplus first) if
     those would, after which nothing more is fetched this round, so the
     space the drops make is not taken by a less rare file.
-
-    Greedy fill (files offered at or above their copies) waits while
-    anything offered is still below its copies and could fit at all.
     """
     result = Plan()
+    # Greedy fill waits while anything offered is still below its copies
+    # (and could fit at all): surplus taken now would only be swapped out
+    # again for the rarer files, and fetched again by the next store.
+    wait_fill = any(n.copies < n.wanted and cost(sid, n.path, n.size) <= quota
+                    for sid, offered in needs for n in offered)
     room = free
     young: list[Orphan] = []
     for o in sorted(orphans, key=lambda o: (o.since, o.source, o.path)):
@@ -213,13 +214,6 @@ def plan(
             room += o.size
         else:
             young.append(o)
-
-    # Greedy fill waits while anything offered is still below its copies
-    # (and could fit at all): surplus taken now would only be swapped out
-    # again for the rarer files, and fetched again by the next store.
-    # Every offer counts here, held or busy ones too.
-    wait_fill = any(n.copies < n.wanted and cost(sid, n.path, n.size) <= quota
-                    for sid, offered in needs for n in offered)
 
     skip: set[Key] = set(busy)
     skip.update((h.source, h.path) for h in held)
