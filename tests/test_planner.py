@@ -97,9 +97,9 @@ def full_stores(draw):
                if held_keys else set())
     keep = {s: draw(st.floats(0, 2 * NOW)) for s in sources if draw(st.booleans())}
     quota = draw(st.sampled_from([100, 500, 3000, 3000]))
-    return dict(free=draw(st.sampled_from([-100, 0, 0, 10, 100])), quota=quota, needs=needs, held=held,
-                orphans=orphans, busy=set(), no_drop=no_drop, keep_deleted=keep, now=NOW,
-                cost=flat_cost(draw(st.sampled_from([0, 0, 1, 10]))))
+    return dict(free=draw(st.sampled_from([-100, 0, 0, 10, 100])), quota=quota, needs=needs,
+                held=held, orphans=orphans, busy=set(), no_drop=no_drop, keep_deleted=keep,
+                now=NOW, cost=flat_cost(draw(st.sampled_from([0, 0, 1, 10]))))
 
 
 def candidates(args):
