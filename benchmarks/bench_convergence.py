@@ -2,15 +2,18 @@
 Convergence of many stores: a simulation driving the real ledger and planner.
 
 No processes, no network, no disk: one real L{Ledger} per source and the
-real L{planner.plan}, under a fake clock (L{twisted.internet.task.Clock}).
+real L{planner.plan}, under a fake clock.
 Each simulated store keeps its holdings in memory and runs the loop of
 L{cluster_backup.client.Agent.round}, mirrored call for call:
 
   - at arrival, an (empty) inventory to every source, then a round at once;
     a lease renewal (a report with usage) every report interval;
-  - a round: C{needs} of every source, following cursors up to 2,000
-    (pages of 1,000); when the offered needs do not all fit in free space,
-    C{surplus} of every offered source (up to 10,000); C{plan} with a cost of
+  - a round: when the store is full (free space below every file offered
+    in its last round, within 5 report intervals), C{surplus} of every
+    source first, and nothing more when it has none; C{needs} of every
+    source, following cursors up to 2,000 (pages of 1,000); when the
+    offered needs do not all fit in free space, C{surplus} of every offered
+    source (up to 10,000; not again after the full-store ask); C{plan} with a cost of
     C{size}; drop requests (C{drop}), the granted copies deleted and
     reported; then per source, batches of 1,000: C{claim}, a transfer of
     the granted files taking C{bytes / --bandwidth} simulated seconds (the
@@ -18,7 +21,9 @@ L{cluster_backup.client.Agent.round}, mirrored call for call:
   - the next round after 0.2 s if the round did or awaits work, else after
     the report interval.
 
-Every ledger call is one simulated round trip of C{--latency} seconds, so
+Time runs on a heap of pending calls (L{HeapClock}: the same order as
+L{Clock}, which re-sorts all of them at every step; C{--list-clock} uses
+it).  Every ledger call is one simulated round trip of C{--latency} seconds, so
 stores that ask at the same moment all see the same needs before any of
 them claims (a herd).  A transfer's bytes count against the store's quota
 from its start (rsync's partial file grows to it).
@@ -45,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import math
 import os
 import platform
@@ -54,12 +60,16 @@ import sys
 import time
 from array import array
 from collections import defaultdict
+from heapq import heappop, heappush
 from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from twisted.internet.base import DelayedCall  # noqa: E402
 from twisted.internet.defer import ensureDeferred  # noqa: E402
+from twisted.internet.interfaces import IReactorTime  # noqa: E402
 from twisted.internet.task import Clock, LoopingCall, deferLater  # noqa: E402
+from zope.interface import implementer  # noqa: E402
 
 from cluster_backup import client, planner  # noqa: E402
 from cluster_backup.ledger import Ledger  # noqa: E402
@@ -77,6 +87,71 @@ BYTES_TARGET = 1.05
 
 class QuotaExceeded(AssertionError):
     pass
+
+
+@implementer(IReactorTime)
+class HeapClock:
+    """
+    L{Clock}'s behaviour (calls run in time order, ties in the order they
+    were scheduled) on a heap: L{Clock} sorts its whole list of calls at
+    every C{callLater} and after every call it runs, which at a thousand
+    stores (leases, rounds, round trips, claim renewals all pending) cost
+    more than the ledgers and the planner together.
+    """
+
+    def __init__(self) -> None:
+        self.rightNow = 0.0
+        self._heap: list = []  # (time, sequence, call)
+        self._sequence = 0
+
+    def seconds(self) -> float:
+        return self.rightNow
+
+    def callLater(self, delay, callable, *args, **kw) -> DelayedCall:
+        call = DelayedCall(self.rightNow + delay, callable, args, kw,
+                           lambda c: None, self._push, self.seconds)
+        self._push(call)
+        return call
+
+    def _push(self, call: DelayedCall) -> None:
+        # Also the resetter: a call moved earlier gets a new entry, and the
+        # old one is skipped (the call has run by then).
+        self._sequence += 1
+        heappush(self._heap, (call.getTime(), self._sequence, call))
+
+    def _settle(self) -> None:
+        """Drop cancelled and run entries off the top; move delayed calls."""
+        heap = self._heap
+        while heap:
+            when, _, call = heap[0]
+            if call.cancelled or call.called:
+                heappop(heap)
+            elif call.getTime() != when:  # delayed by reset(): its new place
+                heappop(heap)
+                call.activate_delay()
+                self._push(call)
+            else:
+                return
+
+    def next_time(self) -> Optional[float]:
+        """When the next pending call is due, or None when there is none."""
+        self._settle()
+        return self._heap[0][0] if self._heap else None
+
+    def getDelayedCalls(self) -> list:
+        return [c for _, _, c in self._heap if c.active()]
+
+    def advance(self, amount: float) -> None:
+        """Move time on by C{amount} and run every call due by then, in order."""
+        self.rightNow += amount
+        heap = self._heap
+        while True:
+            self._settle()
+            if not heap or heap[0][0] > self.rightNow:
+                return
+            _, _, call = heappop(heap)
+            call.called = 1
+            call.func(*call.args, **call.kw)
 
 
 def local_index(path: bytes) -> int:
@@ -126,9 +201,13 @@ class Stats:
         self.drop_asked = 0
         self.claims_asked = 0
         self.claims_granted = 0
+        self.full_rounds = 0  # rounds that asked surplus only (a full store, no surplus)
         self.last_progress = 0.0
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
+        self.longest: dict[str, float] = defaultdict(float)
+        self.items_in: dict[str, int] = defaultdict(int)  # paths or records passed
+        self.items_out: dict[str, int] = defaultdict(int)  # needs or paths answered
         self.max_used_fraction = 0.0
         self.source_done: dict[str, float] = {}
         # Fetches by what the file had when granted: below copies (needed);
@@ -142,7 +221,7 @@ class Sim:
     def __init__(self, args):
         self.args = args
         self.rng = random.Random(args.seed)
-        self.clock = Clock()
+        self.clock = Clock() if args.list_clock else HeapClock()
         self.stats = Stats()
         self.done = False
         copies = [int(c) for c in args.copies.split(",")]
@@ -208,17 +287,36 @@ class Sim:
             ledger.scan_batch(batch)
             ledger.scan_finished(True)
             src.ledger = ledger
+        # As the server does after each scan (server.py).
+        gc.collect()
+        gc.freeze()
+        # A thousand clients share this process, each with thousands of
+        # needs alive through its transfers: at Python's default threshold
+        # (700) the collector walks them all again and again (18 s of the
+        # 90 s CPU of 1,000 stores x 100,000 files; 1.5 s at 20,000).
+        gc.set_threshold(args.gc_threshold, 10, 10)
 
     # -- driving --------------------------------------------------------
 
     def call(self, name: str, fn, *args):
-        """One ledger call, timed and counted."""
-        self.stats.calls[name] += 1
+        """
+        One ledger call, timed and counted under C{name} (the method, and
+        in brackets what for), with the items it was given and answered.
+        """
+        st = self.stats
+        st.calls[name] += 1
         t = time.perf_counter()
-        try:
-            return fn(*args)
-        finally:
-            self.stats.seconds[name] += time.perf_counter() - t
+        result = fn(*args)
+        dt = time.perf_counter() - t
+        st.seconds[name] += dt
+        if dt > st.longest[name]:
+            st.longest[name] = dt
+        st.items_in[name] += sum(len(a) for a in args if isinstance(a, (list, tuple)))
+        if isinstance(result, list):
+            st.items_out[name] += len(result)
+        elif isinstance(result, tuple):  # a page and its cursor
+            st.items_out[name] += len(result[0])
+        return result
 
     def rpc(self):
         """A round trip's worth of simulated time."""
@@ -251,21 +349,29 @@ class Sim:
         limit = self.args.max_time
         every = self.args.progress
         shown = time.perf_counter()
-        while clock.calls and not self.done:
+        last_arrival = max(s.arrival for s in self.stores)
+        while not self.done:
+            t = self._next_time()
+            if t is None:
+                break
             if every and time.perf_counter() - shown > every:
                 shown = time.perf_counter()
                 print(f"t={clock.seconds():,.0f} s simulated: {self.stats.rounds:,} rounds, "
                       f"below copies {[src.under for src in self.sources]}, "
                       f"{self.stats.files:,} fetched", file=sys.stderr, flush=True)
-            t = clock.calls[0].getTime()
             if t > limit:
                 return "time limit"
-            if (t - self.stats.last_progress > self.args.idle
-                    and t > max(s.arrival for s in self.stores)):
+            if t - self.stats.last_progress > self.args.idle and t > last_arrival:
                 return "stalled"
             clock.rightNow = max(clock.rightNow, t)
             clock.advance(0)
         return "converged" if self.done else "no events"
+
+    def _next_time(self) -> Optional[float]:
+        clock = self.clock
+        if isinstance(clock, HeapClock):
+            return clock.next_time()
+        return clock.calls[0].getTime() if clock.calls else None
 
     def progress(self) -> None:
         self.stats.last_progress = self.clock.seconds()
@@ -309,6 +415,8 @@ class SimStore:
         self.inflight = 0  # bytes of transfers under way (counted in used)
         self.held: list[set[int]] = [set() for _ in sim.sources]
         self.no_drop: dict = {}
+        self.smallest_offer: Optional[int] = None
+        self.offers_at = 0.0
         self.arrival = 0.0
         self.rounds = 0
         self.running = False
@@ -335,9 +443,10 @@ class SimStore:
         for src in sim.sources:
             await sim.rpc()
             # report_inventory of an empty store: one page marked start+end.
-            sim.call("inventory", src.ledger.inventory_started, self.id)
-            sim.call("report", src.ledger.report, self.id, (), (), self.used, self.quota)
-            sim.call("inventory", src.ledger.inventory_finished, self.id)
+            sim.call("inventory_started", src.ledger.inventory_started, self.id)
+            sim.call("report (inventory)", src.ledger.report, self.id, (), (), self.used,
+                     self.quota)
+            sim.call("inventory_finished", src.ledger.inventory_finished, self.id)
         lease = LoopingCall(self.renew)
         lease.clock = sim.clock
         lease.start(REPORT_INTERVAL, now=False)
@@ -345,7 +454,8 @@ class SimStore:
 
     def renew(self) -> None:
         for src in self.sim.sources:
-            self.sim.call("report", src.ledger.report, self.id, (), (), self.used, self.quota)
+            self.sim.call("report (lease)", src.ledger.report, self.id, (), (), self.used,
+                          self.quota)
 
     def wake(self, delay: float) -> None:
         if not self.sim.done:
@@ -391,22 +501,45 @@ class SimStore:
                 break
         return needs
 
+    def full(self) -> bool:
+        """L{client.Agent._full} (the simulated stores have no orphans)."""
+        smallest = self.smallest_offer
+        return (smallest is not None and self.free < smallest
+                and self.sim.clock.seconds() - self.offers_at
+                < client.REASK_FULL * REPORT_INTERVAL)
+
+    async def surplus_of(self, source_ids: list) -> list:
+        held: list = []
+        for sid in source_ids:
+            surplus = await self.list_surplus(self.sim.by_id[sid])
+            held += [planner.Held(sid, n.path, n.size, n.copies, n.wanted) for n in surplus]
+        return held
+
     async def round(self) -> bool:
         sim = self.sim
+        held = None
+        if self.full():
+            held = await self.surplus_of([src.id for src in sim.sources])
+            if not held:
+                sim.stats.full_rounds += 1
+                return False
         offered: list = []
         for src in sim.sources:
             needs, safemode = await self.list_all_needs(src, client.NEEDS_PER_ROUND)
             if not safemode:
                 offered.append((src.id, needs))
-        held: list = []
-        if sum(n.size for _, needs in offered for n in needs) > self.free:
-            for sid, _ in offered:
-                surplus = await self.list_surplus(sim.by_id[sid])
-                held += [planner.Held(sid, n.path, n.size, n.copies, n.wanted)
-                         for n in surplus]
+        asked = [sid for sid, _ in offered]
+        if held is not None:
+            held = [h for h in held if h.source in asked]
+        elif sum(n.size for _, needs in offered for n in needs) > self.free:
+            held = await self.surplus_of(asked)
+        else:
+            held = []
         if not offered:
             return False
         now = sim.clock.seconds()
+        self.smallest_offer = min((n.size for _, needs in offered for n in needs), default=None)
+        self.offers_at = now
         self.no_drop = {k: t for k, t in self.no_drop.items()
                         if now - t < REPORT_INTERVAL * 5}
         t = time.perf_counter()
@@ -416,18 +549,24 @@ class SimStore:
             keep_deleted={s.id: KEEP_DELETED for s in sim.sources},
             held=held, orphans=[], busy=frozenset(self.host.busy),
             no_drop=frozenset(self.no_drop))
-        sim.stats.seconds["plan"] += time.perf_counter() - t
+        dt = time.perf_counter() - t
+        sim.stats.seconds["plan"] += dt
         sim.stats.calls["plan"] += 1
+        sim.stats.longest["plan"] = max(sim.stats.longest["plan"], dt)
+        sim.stats.items_in["plan"] += sum(len(n) for _, n in offered) + len(held)
+        sim.stats.items_out["plan"] += len(plan.fetch)
+        # A thousand clients share this process: the offers not planned
+        # would stay alive through every store's transfers, millions of
+        # objects for the garbage collector to walk again and again.
+        offered = held = None  # noqa: F841
         removed: dict = defaultdict(list)
         await self._drops(plan.drops, removed)
         for sid, paths in removed.items():
             await sim.rpc()
-            sim.call("report", sim.by_id[sid].ledger.report, self.id, (), paths,
+            sim.call("report (removed)", sim.by_id[sid].ledger.report, self.id, (), paths,
                      self.used, self.quota)
         fetched = 0
-        by_source: dict = defaultdict(list)
-        for sid, need in plan.fetch:
-            by_source[sid].append(need)
+        by_source = client.fetch_order(plan.fetch)
         for sid, needs in by_source.items():
             for i in range(0, len(needs), client.FILES_PER_BATCH):
                 fetched += await self.fetch_batch(sim.by_id[sid],
@@ -471,7 +610,8 @@ class SimStore:
         for fill in (False, True):
             some = [n.path for n in needs if (n.copies >= n.wanted) == fill]
             if some:
-                granted.update(sim.call("claim", ledger.claim, self.id, some, fill))
+                granted.update(sim.call("claim (fill)" if fill else "claim (needs)", ledger.claim,
+                                        self.id, some, fill))
         batch = [n for n in needs if n.path in granted]
         if not batch:
             return 0
@@ -501,7 +641,7 @@ class SimStore:
         self.check_quota()
         sim.stats.bytes += size
         sim.stats.files += len(batch)
-        renew = LoopingCall(lambda: sim.call("claim", ledger.claim, self.id, paths))
+        renew = LoopingCall(lambda: sim.call("claim (renew)", ledger.claim, self.id, paths))
         renew.clock = sim.clock
         renew.start(max(1.0, CLAIM_TTL / 3), now=False)
         try:
@@ -516,7 +656,7 @@ class SimStore:
             held.add(local_index(n.path))
         arrived = [FileRecord.unchecked(n.path, n.size, n.mtime) for n in batch]
         await sim.rpc()
-        sim.call("report", ledger.report, self.id, arrived, (), self.used, self.quota)
+        sim.call("report (fetched)", ledger.report, self.id, arrived, (), self.used, self.quota)
         for n in batch:  # a copy counts once the server knows it
             j = local_index(n.path)
             src.pending[j] -= 1
@@ -572,6 +712,12 @@ def main() -> None:
     parser.add_argument("--experiment", action="append", default=[],
                         choices=sorted(EXPERIMENTS) or None,
                         help="monkeypatch a proposed product change (see EXPERIMENTS)")
+    parser.add_argument("--list-clock", action="store_true",
+                        help="twisted's Clock (sorts its calls at every step) instead of "
+                        "the heap one; same events in the same order, slower")
+    parser.add_argument("--gc-threshold", type=int, default=20_000,
+                        help="the garbage collector's first threshold during the run "
+                        "(Python's default: 700)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="print the N costliest functions (cProfile)")
     parser.add_argument("--record", action="store_true")
@@ -586,6 +732,26 @@ def main() -> None:
                 restore()
 
 
+class GCTimer:
+    """Time spent in the cyclic garbage collector from now until L{stop}."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.runs = 0
+        self._start = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase, info):
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._start
+            self.runs += 1
+
+    def stop(self):
+        gc.callbacks.remove(self._callback)
+
+
 def report(args) -> None:
     t0, c0 = time.perf_counter(), time.process_time()
     sim = Sim(args)
@@ -593,6 +759,7 @@ def report(args) -> None:
     sim.fail = _fail(sim)
     setup_wall, setup_cpu = time.perf_counter() - t0, time.process_time() - c0
     profile = cProfile.Profile() if args.profile else None
+    gc_time = GCTimer()
     t0, c0 = time.perf_counter(), time.process_time()
     if profile:
         profile.enable()
@@ -600,6 +767,7 @@ def report(args) -> None:
     if profile:
         profile.disable()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    gc_time.stop()
     if sim.failure is not None:
         sim.failure.raiseException()
     checked = sim.verify()
@@ -643,8 +811,10 @@ def report(args) -> None:
         f"{checked['short']:,} files below copies (ledgers: {checked['ledger_short']:,}) | every file at copies "
         f"({ok(all_copies)}) |",
         f"| rounds (all stores) | {st.rounds:,}; per store median "
-        f"{rounds_per_store[len(rounds_per_store) // 2]}, max {rounds_per_store[-1]} | |",
-        f"| wall / CPU time of the simulation | {wall:.1f} s / {cpu:.1f} s | |",
+        f"{rounds_per_store[len(rounds_per_store) // 2]}, max {rounds_per_store[-1]}; "
+        f"{st.full_rounds:,} of a full store without surplus (no needs asked) | |",
+        f"| wall / CPU time of the simulation | {wall:.1f} s / {cpu:.1f} s; garbage collection "
+        f"{gc_time.seconds:.1f} s in {gc_time.runs:,} runs (threshold {args.gc_threshold:,}) | |",
         f"| bytes transferred / minimum | {ratio:.4f} ({st.bytes:,} / {sim.minimum:,} B) "
         f"| <= {BYTES_TARGET} ({ok(ratio <= BYTES_TARGET)}) |",
         f"| files fetched / copies wanted | {st.files:,} / "
@@ -671,9 +841,29 @@ def report(args) -> None:
         f"{st.max_used_fraction:.4f} of its quota | never (met) |",
     ]
     total_calls = sum(st.seconds.values())
-    parts = ", ".join(f"{name} {st.calls[name]:,} calls {s:.1f} s"
-                      for name, s in sorted(st.seconds.items(), key=lambda kv: -kv[1]))
+    by_method: dict = defaultdict(lambda: [0, 0.0])
+    for name, s in st.seconds.items():
+        entry = by_method[name.split(" (")[0]]
+        entry[0] += st.calls[name]
+        entry[1] += s
+    parts = ", ".join(f"{name} {n:,} calls {s:.1f} s"
+                      for name, (n, s) in sorted(by_method.items(), key=lambda kv: -kv[1][1]))
     lines.append(f"| time in ledger/planner calls | {total_calls:.1f} s: {parts} | |")
+    lines += [
+        "",
+        "| call (what for) | calls | total s | ms per call | longest ms "
+        "| items given / answered per call |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, s in sorted(st.seconds.items(), key=lambda kv: -kv[1]):
+        n = st.calls[name]
+        lines.append(
+            f"| {name} | {n:,} | {s:.1f} | {1000 * s / n:.2f} | {1000 * st.longest[name]:.1f} "
+            f"| {st.items_in[name] / n:,.0f} / {st.items_out[name] / n:,.0f} |")
+    lines.append("")
+    lines.append("Items: needs and surplus, needs answered; claim and drop, paths given and "
+                 "granted; report, records held and paths removed; plan, needs and surplus "
+                 "copies given, fetches planned.")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.record:

@@ -52,6 +52,9 @@ SAFEMODE_RETRY = 0.1
 #: RECONNECT_MAX (see L{reconnect_delay}).
 RECONNECT_FIRST = 0.25
 RECONNECT_MAX = 60.0
+#: A full store asks for needs only when it holds surplus copies, or after
+#: this many report intervals (see L{Agent._full}).
+REASK_FULL = 5
 
 
 def reconnect_delay(failures: int, jitter=random.random) -> float:
@@ -62,6 +65,21 @@ def reconnect_delay(failures: int, jitter=random.random) -> float:
     """
     base = min(RECONNECT_MAX, RECONNECT_FIRST * 1.5 ** min(failures - 1, 100))
     return base * (1 + jitter() / 2)
+
+
+def fetch_order(fetch: list) -> dict[str, list]:
+    """
+    A plan's fetches (C{(source id, need)}) as the needs to fetch from each
+    source, in order: rarest first, and within a rank the largest first, so
+    long transfers start early and a fill ends on short batches (stores
+    finish together instead of waiting on one that drew a big file last).
+    """
+    by_source: dict[str, list] = defaultdict(list)
+    for sid, need in fetch:
+        by_source[sid].append(need)
+    for needs in by_source.values():
+        needs.sort(key=lambda n: (rank(n.copies, n.wanted), -n.size))
+    return by_source
 
 
 async def release_claims(proto, source_id: str, store_id: str, paths: list) -> None:
@@ -174,6 +192,9 @@ class Agent(MultiService):
         #: before asking again (see L{SAFEMODE_RETRY}).
         self.in_safemode = False
         self._safemode_pause: Optional[float] = None
+        #: The smallest file offered in the last round that had offers, and when.
+        self._smallest_offer: Optional[int] = None
+        self._offers_at = 0.0
         self._next: Optional[object] = None
         self._running: Optional[Deferred] = None
         #: The check and report of the previous round's last batch, if running.
@@ -313,6 +334,14 @@ class Agent(MultiService):
         # Still checking the previous round's last batch while asking for
         # needs: what that check removes is not among them.
         checking_before = self._checking is not None and not self._checking.called
+        held: Optional[list[planner.Held]] = None
+        if self._full():
+            # Nothing offered last time fitted, and nothing here can go to
+            # make room: new offers could only be used for swaps, so ask
+            # for surplus first and for needs only if there is some.
+            held = await self._surplus([s.id for s in self.sources])
+            if not held:
+                return False
         offered: list[tuple[str, list]] = []
         safe = False
         for source in self.sources:
@@ -334,22 +363,22 @@ class Agent(MultiService):
             else:
                 offered.append((source.id, needs))
         self.in_safemode = safe
-        held: list[planner.Held] = []
         # Swaps need the copies of what we hold.  Ask only when the offered
         # files do not all fit, and ask every source: the surplus to drop
         # may well belong to another source than the file that needs room.
-        if sum(n.size for _, needs in offered for n in needs) > self.store.free:
-            for sid, _ in offered:
-                source = self.by_id[sid]
-                proto = self._proto(source)
-                if proto is None:
-                    continue
-                surplus = await session.list_surplus(proto, sid, self.id)
-                held += [planner.Held(sid, n.path, n.size, n.copies, n.wanted)
-                         for n in surplus]
+        asked = [sid for sid, _ in offered]
+        if held is not None:
+            held = [h for h in held if h.source in asked]
+        elif sum(n.size for _, needs in offered for n in needs) > self.store.free:
+            held = await self._surplus(asked)
+        else:
+            held = []
         if not offered:
             return False
         now = self.reactor.seconds()
+        self._smallest_offer = min((n.size for _, needs in offered for n in needs),
+                                   default=None)
+        self._offers_at = now
         self.no_drop = {k: t for k, t in self.no_drop.items()
                         if now - t < self.cluster.options.report_interval * 5}
         files = self.store.files
@@ -375,14 +404,7 @@ class Agent(MultiService):
         await self._drops(plan.drops, removed)
         await self._report_removed(removed)
         fetched = 0
-        by_source: dict[str, list] = defaultdict(list)
-        for sid, need in plan.fetch:
-            by_source[sid].append(need)
-        # Largest first within a rank (rarest stays first): long transfers
-        # start early and a fill ends on short batches, so stores finish
-        # together instead of waiting on one that drew a big file last.
-        for needs in by_source.values():
-            needs.sort(key=lambda n: (rank(n.copies, n.wanted), -n.size))
+        by_source = fetch_order(plan.fetch)
         # Each batch's check against the source and its report (latency
         # bound: a dry-run rsync and two AMP calls) overlap the next batch's
         # transfer, the last one's the next round's start; at most one of
@@ -410,6 +432,31 @@ class Agent(MultiService):
         finally:
             self._checking = checking
         return bool(fetched or plan.drops or plan.delete_orphans)
+
+    def _full(self) -> bool:
+        """
+        Whether this store's free space is smaller than every file offered
+        in its last round (so than any cost) and it has no orphans to
+        delete: then only swaps can use what the servers offer.  Forgotten
+        after L{REASK_FULL} report intervals, so files smaller than those
+        seen are found in time.
+        """
+        smallest = self._smallest_offer
+        return (smallest is not None and self.store.free < smallest
+                and self.reactor.seconds() - self._offers_at
+                < REASK_FULL * self.cluster.options.report_interval
+                and not self.store.orphans())
+
+    async def _surplus(self, source_ids: list) -> list:
+        """This store's surplus copies (L{planner.Held}) of C{source_ids}."""
+        held: list[planner.Held] = []
+        for sid in source_ids:
+            proto = self._proto(self.by_id[sid])
+            if proto is None:
+                continue
+            surplus = await session.list_surplus(proto, sid, self.id)
+            held += [planner.Held(sid, n.path, n.size, n.copies, n.wanted) for n in surplus]
+        return held
 
     async def _already_held(self, proto, source: Source, needs: list) -> list:
         """

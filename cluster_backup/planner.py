@@ -15,7 +15,7 @@ space shows up in C{free}.
 
 from __future__ import annotations
 
-from typing import AbstractSet, Callable, Mapping, Sequence
+from typing import AbstractSet, Callable, Mapping, Optional, Sequence
 
 from attrs import field, frozen
 
@@ -104,6 +104,68 @@ def may_swap(wanted: Need, surplus: Held) -> bool:
     return wanted.copies <= surplus.copies - SWAP_MARGIN
 
 
+class _Pool:
+    """
+    The surplus copies a plan may ask to drop, in drop order: most surplus
+    first, then most copies, then largest, then by source and path.
+
+    Whether a copy may be swapped for a wanted file (L{may_swap}) depends
+    only on its copies and wanted copies, so the pool is kept as classes of
+    equal (surplus, copies), each a list in drop order with its unclaimed
+    bytes.  A search for room walks the classes the wanted file may swap
+    with, and one that cannot succeed costs a sum over the classes instead
+    of a walk over every copy (the hot spot of a full store offered
+    thousands of files).  Copies taken are always the front of their class.
+    """
+
+    def __init__(self, held: Sequence[Held], no_drop: AbstractSet[Key]):
+        groups: dict[tuple[int, int], list[Held]] = {}
+        for h in held:
+            if h.copies > h.wanted and (h.source, h.path) not in no_drop:
+                groups.setdefault((h.surplus, h.copies), []).append(h)
+        # [a member (for may_swap), members in drop order, next untaken, bytes untaken]
+        self.classes: list[list] = []
+        for key in sorted(groups, key=lambda k: (-k[0], -k[1])):
+            members = sorted(groups[key], key=lambda h: (-h.size, h.source, h.path))
+            self.classes.append([members[0], members, 0, sum(h.size for h in members)])
+        self._eligible: dict[tuple[int, int], tuple[list[list], int]] = {}
+        #: Bytes of all copies not taken yet: no search can free more.
+        self.bytes = sum(c[3] for c in self.classes)
+
+    def take(self, need: Need, short: int) -> Optional[list[Held]]:
+        """
+        The first copies in drop order that may make room for C{need}
+        whose sizes add up to at least C{short}, taken out of the pool; or
+        C{None} (nothing taken) when all of them together would not.
+        """
+        # Which classes may swap depends on the need's copies and wanted
+        # only: remembered until something is taken.
+        sig = (need.copies, need.wanted)
+        found = self._eligible.get(sig)
+        if found is None:
+            eligible = [c for c in self.classes if c[2] < len(c[1]) and may_swap(need, c[0])]
+            found = self._eligible[sig] = (eligible, sum(c[3] for c in eligible))
+        eligible, total = found
+        if total < short:
+            return None
+        self._eligible.clear()
+        chosen: list[Held] = []
+        freed = 0
+        for c in eligible:
+            if freed >= short:
+                break
+            members, i = c[1], c[2]
+            while i < len(members) and freed < short:
+                h = members[i]
+                chosen.append(h)
+                freed += h.size
+                c[3] -= h.size
+                i += 1
+            c[2] = i
+        self.bytes -= freed
+        return chosen
+
+
 def plan(
     *,
     free: int,
@@ -144,13 +206,11 @@ def plan(
     wait_fill = any(n.copies < n.wanted and cost(sid, n.path, n.size) <= quota
                     for sid, offered in needs for n in offered)
     room = free
-    expired_keys: set[Key] = set()
     young: list[Orphan] = []
     for o in sorted(orphans, key=lambda o: (o.since, o.source, o.path)):
         keep = keep_deleted.get(o.source)
         if keep is not None and now - o.since >= keep:
             result.delete_orphans.append((o.source, o.path))
-            expired_keys.add((o.source, o.path))
             room += o.size
         else:
             young.append(o)
@@ -158,6 +218,7 @@ def plan(
     skip: set[Key] = set(busy)
     skip.update((h.source, h.path) for h in held)
     skip.update((o.source, o.path) for o in orphans)
+    ranks: dict[tuple[int, int], tuple[int, float]] = {}
     candidates = []
     for order, (source, source_needs) in enumerate(needs):
         for index, need in enumerate(source_needs):
@@ -165,21 +226,23 @@ def plan(
             if key in skip:
                 continue
             skip.add(key)  # a need listed twice is considered once
+            c = cost(source, need.path, need.size)
             if wait_fill and need.copies >= need.wanted:
-                if cost(source, need.path, need.size) > quota:
+                if c > quota:
                     result.skipped_too_big.append(key)
                 continue
-            candidates.append((rank(need.copies, need.wanted), index, order, source, need))
-    candidates.sort(key=lambda c: c[:3])
+            r = ranks.get((need.copies, need.wanted))
+            if r is None:
+                r = ranks[(need.copies, need.wanted)] = rank(need.copies, need.wanted)
+            # (rank, index, order) is unique: the sort never compares further.
+            candidates.append((r, index, order, c, source, need))
+    candidates.sort()
 
-    pool = sorted(
-        (h for h in held if h.copies > h.wanted and (h.source, h.path) not in no_drop),
-        key=lambda h: (-h.surplus, -h.copies, -h.size, h.source, h.path),
-    )
+    pool: Optional[_Pool] = None  # built when first needed
     young_room = sum(o.size for o in young)
+    next_young = 0
     closed = False  # drops were requested: fetch nothing more this round
-    for _, _, _, source, need in candidates:
-        c = cost(source, need.path, need.size)
+    for _, _, _, c, source, need in candidates:
         if c > quota:
             result.skipped_too_big.append((source, need.path))
             continue
@@ -189,26 +252,21 @@ def plan(
             continue
         if not closed and c <= room + young_room:
             while room < c:
-                o = young.pop(0)
+                o = young[next_young]
+                next_young += 1
                 result.delete_orphans.append((o.source, o.path))
                 room += o.size
                 young_room -= o.size
             result.fetch.append((source, need))
             room -= c
             continue
+        if pool is None:
+            pool = _Pool(held, no_drop)
         short = c - (0 if closed else room + young_room)
-        chosen = []
-        freed = 0
-        for h in pool:
-            if freed >= short:
-                break
-            if may_swap(need, h):
-                chosen.append(h)
-                freed += h.size
-        if freed < short:
+        chosen = pool.take(need, short) if short <= pool.bytes else None
+        if chosen is None:
             continue  # cannot be made to fit now: a smaller one may
         for h in chosen:
-            pool.remove(h)
             why = ("below copies" if need.copies < need.wanted
                    else f"{need.copies} copies vs {h.copies}")
             result.drops.append(Drop(

@@ -5,11 +5,13 @@ stores and offers, and a few worked examples.
 
 from __future__ import annotations
 
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 from twisted.trial import unittest
 
 from cluster_backup.planner import SWAP_MARGIN, Drop, Held, Orphan, Plan, may_swap, plan
 from cluster_backup.records import Need, rank
+
+from .planner_reference import reference_plan
 
 NOW = 10_000.0
 SOURCES = ["h1:/a", "h2:/b", "h3:/c"]
@@ -60,6 +62,44 @@ def scenarios(draw):
     return dict(free=free, quota=quota, needs=needs, held=held, orphans=orphans,
                 busy=busy, no_drop=no_drop, keep_deleted=keep, now=NOW,
                 cost=flat_cost(overhead))
+
+
+@st.composite
+def full_stores(draw):
+    """
+    A store with little or no free space, many surplus copies and many
+    offers at every copy count: the swap search at work (zero sizes and
+    costs included).
+    """
+    sources = SOURCES[: draw(st.integers(1, 3))]
+    many = st.sampled_from([b"p%d" % i for i in range(30)])
+    # Few sizes, so that room often fits exactly.
+    sizes = st.sampled_from([0, 1, 10, 100, 250, 500])
+    needs = []
+    for s in sources:
+        ps = draw(st.lists(many, max_size=14))  # repeats: a path offered twice
+        needs.append((s, [
+            need(p, draw(sizes), draw(st.integers(0, 5)), draw(st.integers(1, 4)))
+            for p in ps]))
+    held = [
+        Held(s, p, draw(sizes), draw(st.integers(1, 7)), draw(st.integers(1, 3)))
+        for s, p in draw(st.lists(st.tuples(st.sampled_from(sources), many),
+                                  unique=True, max_size=24))
+    ]
+    held_keys = {(h.source, h.path) for h in held}
+    orphans = [
+        Orphan(s, p, draw(sizes), draw(st.floats(0, NOW)))
+        for s, p in draw(st.lists(st.tuples(st.sampled_from(sources), many),
+                                  unique=True, max_size=4))
+        if (s, p) not in held_keys
+    ]
+    no_drop = (set(draw(st.lists(st.sampled_from(sorted(held_keys)), max_size=4)))
+               if held_keys else set())
+    keep = {s: draw(st.floats(0, 2 * NOW)) for s in sources if draw(st.booleans())}
+    quota = draw(st.sampled_from([100, 500, 3000, 3000]))
+    return dict(free=draw(st.sampled_from([-100, 0, 0, 10, 100])), quota=quota, needs=needs,
+                held=held, orphans=orphans, busy=set(), no_drop=no_drop, keep_deleted=keep,
+                now=NOW, cost=flat_cost(draw(st.sampled_from([0, 0, 1, 10]))))
 
 
 def candidates(args):
@@ -207,6 +247,37 @@ class PropertyTests(unittest.SynchronousTestCase):
             # and no more than needed: without the youngest one it would not fit
             short = room + sum(o.size for o in gone_young[:-1])
             self.assertGreater(self.fetched_cost(args, p), short)
+
+
+class ReferenceTests(unittest.SynchronousTestCase):
+    """
+    L{plan} decides exactly as the plain L{reference_plan}: the same
+    fetches, drops, deletions, skips and waits, in the same order.
+    """
+
+    @given(scenarios())
+    def test_same_as_reference(self, args):
+        self.assertEqual(plan(**args), reference_plan(**args))
+
+    @settings(max_examples=500)
+    @given(full_stores())
+    def test_same_as_reference_when_full(self, args):
+        self.assertEqual(plan(**args), reference_plan(**args))
+
+    def test_same_as_reference_at_scale(self):
+        """Thousands of offers and surplus copies, as a store sees at 1,000,000 files."""
+        import random
+        rng = random.Random(7)
+        for free in (-5000, 0, 300_000, 3_000_000):
+            needs = [(sid, [need(b"n%d" % i, rng.randint(1, 20_000), rng.randint(0, 4),
+                                 rng.randint(1, 3)) for i in range(2000)])
+                     for sid in SOURCES]
+            held = [Held(sid, b"h%d" % i, rng.randint(1, 20_000), rng.randint(1, 6),
+                         rng.randint(1, 3)) for sid in SOURCES for i in range(1500)]
+            args = dict(free=free, quota=10**7, needs=needs, held=held, cost=flat_cost(7),
+                        now=NOW, keep_deleted={}, busy={(SOURCES[0], b"n5")},
+                        no_drop={(SOURCES[1], b"h3")})
+            self.assertEqual(plan(**args), reference_plan(**args))
 
 
 class ExampleTests(unittest.SynchronousTestCase):

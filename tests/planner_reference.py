@@ -1,0 +1,112 @@
+"""
+The planner's decisions written the straightforward way: L{reference_plan}
+is L{cluster_backup.planner.plan} as it was before it was made fast for
+large stores (commit c5c6742).  Tests check that the fast one decides
+exactly the same on random inputs; keep the two in step when a rule changes.
+"""
+
+from __future__ import annotations
+
+from typing import AbstractSet, Callable, Mapping, Sequence
+
+from cluster_backup.planner import Drop, Held, Key, Orphan, Plan, may_swap
+from cluster_backup.records import Need, rank
+
+
+def reference_plan(
+    *,
+    free: int,
+    quota: int,
+    needs: Sequence[tuple[str, Sequence[Need]]],
+    cost: Callable[[str, bytes, int], int],
+    now: float,
+    keep_deleted: Mapping[str, float],
+    held: Sequence[Held] = (),
+    orphans: Sequence[Orphan] = (),
+    busy: AbstractSet[Key] = frozenset(),
+    no_drop: AbstractSet[Key] = frozenset(),
+) -> Plan:
+    """The decisions of L{cluster_backup.planner.plan}, computed plainly."""
+    result = Plan()
+    # Greedy fill waits while anything offered is still below its copies
+    # (and could fit at all): surplus taken now would only be swapped out
+    # again for the rarer files, and fetched again by the next store.
+    wait_fill = any(n.copies < n.wanted and cost(sid, n.path, n.size) <= quota
+                    for sid, offered in needs for n in offered)
+    room = free
+    expired_keys: set[Key] = set()
+    young: list[Orphan] = []
+    for o in sorted(orphans, key=lambda o: (o.since, o.source, o.path)):
+        keep = keep_deleted.get(o.source)
+        if keep is not None and now - o.since >= keep:
+            result.delete_orphans.append((o.source, o.path))
+            expired_keys.add((o.source, o.path))
+            room += o.size
+        else:
+            young.append(o)
+
+    skip: set[Key] = set(busy)
+    skip.update((h.source, h.path) for h in held)
+    skip.update((o.source, o.path) for o in orphans)
+    candidates = []
+    for order, (source, source_needs) in enumerate(needs):
+        for index, need in enumerate(source_needs):
+            key = (source, need.path)
+            if key in skip:
+                continue
+            skip.add(key)  # a need listed twice is considered once
+            if wait_fill and need.copies >= need.wanted:
+                if cost(source, need.path, need.size) > quota:
+                    result.skipped_too_big.append(key)
+                continue
+            candidates.append((rank(need.copies, need.wanted), index, order, source, need))
+    candidates.sort(key=lambda c: c[:3])
+
+    pool = sorted(
+        (h for h in held if h.copies > h.wanted and (h.source, h.path) not in no_drop),
+        key=lambda h: (-h.surplus, -h.copies, -h.size, h.source, h.path),
+    )
+    young_room = sum(o.size for o in young)
+    closed = False  # drops were requested: fetch nothing more this round
+    for _, _, _, source, need in candidates:
+        c = cost(source, need.path, need.size)
+        if c > quota:
+            result.skipped_too_big.append((source, need.path))
+            continue
+        if not closed and c <= room:
+            result.fetch.append((source, need))
+            room -= c
+            continue
+        if not closed and c <= room + young_room:
+            while room < c:
+                o = young.pop(0)
+                result.delete_orphans.append((o.source, o.path))
+                room += o.size
+                young_room -= o.size
+            result.fetch.append((source, need))
+            room -= c
+            continue
+        short = c - (0 if closed else room + young_room)
+        chosen = []
+        freed = 0
+        for h in pool:
+            if freed >= short:
+                break
+            if may_swap(need, h):
+                chosen.append(h)
+                freed += h.size
+        if freed < short:
+            continue  # cannot be made to fit now: a smaller one may
+        for h in chosen:
+            pool.remove(h)
+            why = ("below copies" if need.copies < need.wanted
+                   else f"{need.copies} copies vs {h.copies}")
+            result.drops.append(Drop(
+                h.source, h.path,
+                f"surplus {h.copies}/{h.wanted}, room for {need.path!r} ({why})",
+                source, need.path))
+        result.waiting.append((source, need.path))
+        # What is free and the young orphans now wait for this file; later
+        # needs can only be made room for by drops of their own.
+        closed = True
+    return result
