@@ -70,15 +70,18 @@ def reconnect_delay(failures: int, jitter=random.random) -> float:
 def fetch_order(fetch: list) -> dict[str, list]:
     """
     A plan's fetches (C{(source id, need)}) as the needs to fetch from each
-    source, in order: rarest first, and within a rank the largest first, so
-    long transfers start early and a fill ends on short batches (stores
-    finish together instead of waiting on one that drew a big file last).
+    source, in order: rarest first, and within a rank of files below their
+    copies the largest first, so long transfers start early and the needed
+    copies end on short batches (stores finish together instead of waiting
+    on one that drew a big file last).  Greedy fill keeps the servers'
+    order: a big surplus copy started last only delays the next need.
     """
     by_source: dict[str, list] = defaultdict(list)
     for sid, need in fetch:
         by_source[sid].append(need)
     for needs in by_source.values():
-        needs.sort(key=lambda n: (rank(n.copies, n.wanted), -n.size))
+        needs.sort(key=lambda n: (rank(n.copies, n.wanted),
+                                  -n.size if n.copies < n.wanted else 0))
     return by_source
 
 

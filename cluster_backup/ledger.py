@@ -14,10 +14,10 @@ It is built for millions of files, in memory and in time per call:
     C{bytearray} C{_count}, so the files of a tier are found with
     C{bytearray.find} at C speed, with no per-file index to keep up.  Counts
     of 255 and more are kept exactly in a small dict beside it.
-  - A store lists a tier in id order as a ring, starting where its last
-    claim ended (at first at an offset of its own): stores asking together
-    start at different places, and a store does not walk again over the
-    files it just took.
+  - A store lists a tier in id order as a ring, from a start of its own
+    that each of its claims moves to a new pseudo-random place: stores
+    asking together start at different places, and stores that took
+    neighbouring files do not go on to list the same ones.
   - Reports, the hot path of every inventory, are checked as a whole with
     C-level calls (C{map}, C{itemgetter}, tuple comparison); only the
     records that change something are handled one by one.
@@ -55,6 +55,8 @@ _SURPLUS_TAG = 2  # surplus() cursors: a needs cursor is no surplus cursor
 # free id, in no tier, has _CAP and is not in _big).
 _CAP = 255
 _BYTE = [bytes([c]) for c in range(256)]
+# Knuth's MMIX linear congruential generator, for listing starts.
+_LCG_A, _LCG_C, _M64 = 6364136223846793005, 1442695040888963407, (1 << 64) - 1
 
 
 class LedgerError(Exception):
@@ -157,10 +159,10 @@ class Ledger:
             for host in self._hosts
         ]
         # Where each store's listings start in the id ring: an offset of its
-        # own at first, then just after its last claim.
+        # own, moved to a new pseudo-random place by each of its claims.
         self._resume = [
             int.from_bytes(blake2b(sid.encode("utf-8", "surrogateescape"),
-                                   digest_size=4).digest(), "big")
+                                   digest_size=8).digest(), "big")
             for sid in self._store_ids
         ]
         self._offset = list(self._resume)  # surplus() always starts here
@@ -857,7 +859,8 @@ class Ledger:
             if resume is not None and c == resume[0]:
                 _, start, pos, wrapped = resume
             else:
-                start, pos, wrapped = origin % n, origin % n, 0
+                start = (origin >> 32) % n  # an LCG's high bits are its good ones
+                pos, wrapped = start, 0
             yield c, start, ([(pos, n, 0), (0, start, 1)] if not wrapped else [(pos, start, 1)])
             resume = None
 
@@ -868,9 +871,9 @@ class Ledger:
         Up to C{limit} files C{store} should fetch, rarest first (fewest live
         copies, claims included), skipping what its host holds or claims; and
         a cursor for the next page, or C{None} at the end.  Inside one tier
-        the files come in id order as a ring, starting after the store's
-        last claim (at first at an offset of its own), so stores asking
-        together get different files.  Surplus files come last (greedy
+        the files come in id order as a ring, from a start of the store's
+        own that moves with each of its claims, so stores asking together
+        get different files.  Surplus files come last (greedy
         fill).  A page may be short, with a cursor, when a call has examined
         many files its host already holds.
         """
@@ -995,9 +998,8 @@ class Ledger:
         meanwhile) is refused, so it does not become an unplanned surplus
         copy.  A grant counts as a copy on its host for C{claim_ttl}
         seconds, so other stores do not fetch the same file meanwhile;
-        claiming again renews it (whatever C{fill}).  The store's next
-        listing of needs starts after the last file granted.  Nothing in
-        safemode.
+        claiming again renews it (whatever C{fill}).  A grant moves the
+        start of the store's next listing of needs.  Nothing in safemode.
         """
         s = self._store(store)
         now = self._tick()
@@ -1034,7 +1036,11 @@ class Ledger:
         if granted_ids:
             heappush(self._claim_heap,
                      (deadline, next(self._claim_seq), s, tuple(granted_ids)))
-            self._resume[s] = granted_ids[-1] + 1
+            # The next listing starts elsewhere: after the claimed files it
+            # would meet other stores that took the files just after theirs
+            # and list the same ones as they do (and, as fill, fetch them
+            # too); a jump keeps stores apart.  An LCG: cheap, deterministic.
+            self._resume[s] = (self._resume[s] * _LCG_A + _LCG_C) & _M64
         return granted
 
     def release(self, store: str, paths: Iterable[bytes]) -> None:

@@ -863,17 +863,23 @@ class ScaleTests(SynchronousTestCase):
         self.assertEqual(ledger.status().histogram, {2: [1, 10], 299: [1, 10]})
         self.assertEqual([n.copies for n in needs_all(ledger, "h299:/s")], [2])
 
-    def test_listing_starts_after_the_last_claim(self):
-        files = [b"f%03d" % n for n in range(100)]
+    def test_a_claim_moves_the_listing_on(self):
+        files = [b"f%03d" % n for n in range(1000)]
         ledger, _ = make(copies=1, files=files)
         first = [n.path for n in ledger.needs("b:/1", None, 10)[0]]
         self.assertEqual(first, [n.path for n in ledger.needs("b:/1", None, 10)[0]])
-        self.assertEqual(ledger.claim("b:/1", first[:5]), first[:5])
-        # b's own claims leave the tier; its next listing goes on after them
-        # and holds the five it did not claim last, then files new to it.
-        after = [n.path for n in ledger.needs("b:/1", None, 10)[0]]
-        self.assertEqual(after[:5], first[5:])
-        self.assertEqual(set(after) & set(first[:5]), set())
+        starts = {first[0]}
+        for _ in range(5):
+            page = [n.path for n in ledger.needs("b:/1", None, 10)[0]]
+            self.assertEqual(ledger.claim("b:/1", page[:5]), page[:5])
+            after = [n.path for n in ledger.needs("b:/1", None, 10)[0]]
+            self.assertEqual(set(after) & set(page[:5]), set())  # the host claims them
+            starts.add(after[0])
+        # Each claim sends the next listing somewhere else in the ring, so
+        # stores that claimed side by side do not list the same files next.
+        self.assertEqual(len(starts), 6)
+        c = [n.path for n in ledger.needs("c:/1", None, 10)[0]]
+        self.assertNotEqual(c[0], first[0])
         # With copies=2 b's claims stay in a listed tier: still not re-listed.
         ledger2, _ = make(copies=2, files=files)
         page = [n.path for n in ledger2.needs("b:/1", None, 10)[0]]
@@ -881,7 +887,7 @@ class ScaleTests(SynchronousTestCase):
         nxt = ledger2.needs("b:/1", None, 10)[0]
         self.assertEqual(set(n.path for n in nxt) & set(page), set())
         self.assertEqual({n.copies for n in nxt}, {0})
-        self.assertEqual(len(needs_all(ledger2, "b:/1")), 90)
+        self.assertEqual(len(needs_all(ledger2, "b:/1")), len(files) - 10)
 
 
 class RefusalTests(SynchronousTestCase):
