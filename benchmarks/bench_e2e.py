@@ -47,6 +47,7 @@ DIR before the run's folder is deleted.
 from __future__ import annotations
 
 import argparse
+import filecmp
 import math
 import os
 import platform
@@ -122,13 +123,7 @@ def make_data(root: str, *, seed: int, small: int, small_min: int, small_max: in
 
 def same_bytes(a: str, b: str) -> bool:
     try:
-        with open(a, "rb") as fa, open(b, "rb") as fb:
-            while True:
-                x, y = fa.read(MiB), fb.read(MiB)
-                if x != y:
-                    return False
-                if not x:
-                    return True
+        return filecmp.cmp(a, b, shallow=False)
     except OSError:
         return False
 

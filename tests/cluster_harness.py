@@ -7,6 +7,7 @@ host and one C{cbackup-client} per store host (real twistd processes on
 
 from __future__ import annotations
 
+import filecmp
 import os
 import subprocess
 from collections import defaultdict
@@ -36,13 +37,7 @@ def same_content(a: bytes, b: bytes) -> bool:
     if os.path.islink(a) or os.path.islink(b):
         return os.path.islink(a) and os.path.islink(b) and os.readlink(a) == os.readlink(b)
     try:
-        with open(a, "rb") as fa, open(b, "rb") as fb:
-            while True:
-                x, y = fa.read(1 << 20), fb.read(1 << 20)
-                if x != y:
-                    return False
-                if not x:
-                    return True
+        return filecmp.cmp(a, b, shallow=False)
     except OSError:
         return False
 
