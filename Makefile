@@ -39,8 +39,12 @@ test-fast: $(STAMP) rsync
 trial: $(STAMP) rsync
 	$(PY) -m twisted.trial tests
 
+# Every benchmark at its default size, then the large convergence case
+# (1,000 stores x 1,000,000 files: several minutes); figures go to
+# benchmarks/RESULTS.md.
 bench: $(STAMP) rsync
 	for b in benchmarks/bench_*.py; do $(PY) $$b --record || exit 1; done
+	$(PY) benchmarks/bench_convergence.py --stores 1000 --files 1000000 --record
 
 # The fault and abuse scenarios, recording their figures into docs/RELIABILITY.md.
 reliability: $(STAMP) rsync
