@@ -1023,7 +1023,10 @@ class Ledger:
                 continue
             if claimers and any(mine >> t & 1 for t in claimers):
                 continue
-            if self._copies(i) >= copies and (not fill or self._lows):
+            if self._copies(i) >= copies and (not fill or self._lows or claimers):
+                # Not needed; as fill only once nothing is low, and not while
+                # another store fetches it (two stores racing for the same
+                # fill would both fetch it).
                 continue
             if claimers is None:
                 claims[i] = {s: deadline}
