@@ -242,8 +242,11 @@ class ClaimTests(SynchronousTestCase):
         self.assertEqual(ledger.claim("c:/1", [b"f"], fill=True), [])
         ledger.report("d:/1", [rec(b"g")])
         self.assertEqual(ledger.claim("c:/1", [b"f"], fill=True), [b"f"])
-        # A holder dying makes g low again: no more fill meanwhile.
+        # c is fetching f: a second store's fill of it waits for c's copy.
+        self.assertEqual(ledger.claim("a:/1", [b"f"], fill=True), [])
+        ledger.report("c:/1", [rec(b"f")])
         self.assertEqual(ledger.claim("a:/1", [b"f"], fill=True), [b"f"])
+        # A holder dying makes g low again: no more fill meanwhile.
         ledger.drop("d:/1", [b"g"])  # refused: the only copy
         ledger.report("d:/1", removed=[b"g"])
         self.assertEqual(ledger.claim("c:/1", [b"g"]), [b"g"])  # a need again
