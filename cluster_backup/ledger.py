@@ -706,10 +706,12 @@ class Ledger:
             ids = list(map(self._ids.__getitem__, held.paths))
         except KeyError:
             return False
-        # Arrays compare with memcmp; only gathering the ledger's side is per item.
+        # Arrays compare with memcmp; only gathering the ledger's side is per
+        # item.  Holder masks are interned, so a page has few distinct ones.
+        bit = 1 << s
         if (array("q", _pick(self._size, ids)) != held.sizes
                 or array("q", _pick(self._mtime, ids)) != held.mtimes
-                or not all(map((1 << s).__and__, _pick(self._holders, ids)))):
+                or not all(m & bit for m in set(_pick(self._holders, ids)))):
             return False
         if inventory is not None:
             inventory.current.update(ids)

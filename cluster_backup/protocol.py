@@ -11,7 +11,9 @@ C{copies} when it is full, L{Release}s claims or asks to drop surplus copies.
 L{Status} serves C{cbackup status}.
 
 Every AMP value is at most 65,535 bytes, so every list travels in pages
-filled to L{PAGE_BUDGET} bytes by the C{page_*} helpers, and paths travel as
+filled to L{PAGE_BUDGET} bytes by the C{page_*} helpers (a L{Report} carries
+up to L{MAX_CHUNKS} pages of each of its lists, as L{Chunks}: a round trip
+per page made inventories of millions of files slow), and paths travel as
 bytes in a compact columnar encoding (L{PathList}, L{RecordList},
 L{NeedList}) whose paths are checked as L{relpath_problem} does, on the way
 in and out.
@@ -48,6 +50,12 @@ PROTOCOL_VERSION = 1
 #: Most bytes one encoded list value may take.  Under AMP's 65,535-byte
 #: value limit with room to spare.
 PAGE_BUDGET = 60_000
+
+#: Most values (pages) one list argument may span in one box: a page goes
+#: under the argument's own key, the next under C{key.1}, C{key.2}, ...  A
+#: long report then costs one round trip per this many pages, and a box
+#: stays at most this many values per list (the server bounds its keys).
+MAX_CHUNKS = 12
 
 #: Bytes of random challenge each side contributes to authentication.
 NONCE_BYTES = 32
@@ -327,11 +335,50 @@ def decode_needs(data: bytes) -> Needs:
     return Needs(paths, sizes, mtimes, copies, wanted)
 
 
+class Chunks(tuple):
+    """
+    Pages of one list value, sent in one box: each page as one AMP value
+    (see L{MAX_CHUNKS}).  Only arguments made with C{chunked=True} take
+    them; the receiver gets the pages joined into one list.
+    """
+
+
 class _Encoded(amp.Argument):
-    def __init__(self, encode, decode, optional=False):
+    def __init__(self, encode, decode, optional=False, chunked=False, join=None):
         super().__init__(optional)
         self._encode = encode
         self._decode = decode
+        self._chunked = chunked
+        self._join = join
+
+    def toBox(self, name, strings, objects, proto):
+        value = objects.get(name.decode())
+        if not isinstance(value, Chunks):
+            return super().toBox(name, strings, objects, proto)
+        if not self._chunked or not 0 < len(value) <= MAX_CHUNKS:
+            raise BadArgument(f"{len(value)} pages cannot go in one {name.decode()} value")
+        del objects[name.decode()]
+        strings[name] = self.toString(value[0])
+        for k, page in enumerate(value[1:], 1):
+            strings[b"%s.%d" % (name, k)] = self.toString(page)
+
+    def fromBox(self, name, strings, objects, proto):
+        prefix = name + b"."
+        # A box has a few dozen keys at most (the server bounds them).
+        extra = [k for k in strings if k.startswith(prefix)]
+        if not extra:
+            return super().fromBox(name, strings, objects, proto)
+        label = name.decode()
+        if not self._chunked:
+            raise BadArgument(f"{label} takes one value, not {label}.1 and on")
+        if len(extra) >= MAX_CHUNKS:
+            raise BadArgument(f"{label} spans over {MAX_CHUNKS} values")
+        keys = [b"%s.%d" % (name, k) for k in range(1, len(extra) + 1)]
+        if name not in strings or set(extra) != set(keys):
+            raise BadArgument(f"{label}: its values must be {label}, {label}.1, "
+                              f"{label}.2 ... without gaps")
+        pages = [self.fromString(strings.pop(k)) for k in [name] + keys]
+        objects[name.decode()] = self._join(pages)
 
     def toString(self, inObject) -> bytes:
         data = self._encode(inObject)
@@ -348,15 +395,16 @@ class _Encoded(amp.Argument):
 class PathList(_Encoded):
     """An AMP argument holding a list of relative paths (bytes)."""
 
-    def __init__(self, optional=False):
-        super().__init__(encode_paths, decode_paths, optional)
+    def __init__(self, optional=False, chunked=False):
+        super().__init__(encode_paths, decode_paths, optional, chunked,
+                         lambda pages: [p for page in pages for p in page])
 
 
 class RecordList(_Encoded):
     """An AMP argument holding L{FileRecord}s; decoded as L{Records}."""
 
-    def __init__(self, optional=False):
-        super().__init__(encode_records, decode_records, optional)
+    def __init__(self, optional=False, chunked=False):
+        super().__init__(encode_records, decode_records, optional, chunked, Records.join)
 
 
 class NeedList(_Encoded):
@@ -467,8 +515,9 @@ class Report(_Command):
     Tell the server what C{store} holds of C{source}: C{files} held (at their
     version) and C{removed} paths no longer held.  Renews the store's lease.
 
-    A full inventory is a run of pages marked C{"start"}, C{""}..., C{"end"};
-    a one-page inventory is marked C{"start+end"}.  An unmarked (C{""})
+    C{files} and C{removed} may each span up to L{MAX_CHUNKS} values (see
+    L{Chunks}).  A full inventory is a run of reports marked C{"start"},
+    C{""}..., C{"end"}; a one-report inventory is marked C{"start+end"}.  An unmarked (C{""})
     report outside an inventory is a delta.
 
     The answer lists C{stale} paths (held at an old version) and C{orphans}
@@ -481,8 +530,8 @@ class Report(_Command):
     arguments = [
         (b"source", amp.Unicode()),
         (b"store", amp.Unicode()),
-        (b"files", RecordList()),
-        (b"removed", PathList()),
+        (b"files", RecordList(chunked=True)),
+        (b"removed", PathList(chunked=True)),
         (b"inventory", amp.Unicode()),
         (b"used", amp.Integer(optional=True)),
         (b"quota", amp.Integer(optional=True)),

@@ -164,6 +164,22 @@ class _Columns:
         except OverflowError as e:
             raise ValueError(f"number out of range: {e}") from None
 
+    @classmethod
+    def join(cls, parts: Sequence["_Columns"]) -> "_Columns":
+        """One instance holding the rows of C{parts}, in order."""
+        if len(parts) == 1:
+            return parts[0]
+        paths: list = []
+        for part in parts:
+            paths.extend(part.paths)
+        numbers = []
+        for name, _, code in cls._NUMBERS:
+            column = array(code)
+            for part in parts:
+                column.extend(getattr(part, name))
+            numbers.append(column)
+        return cls(paths, *numbers)
+
     @staticmethod
     def _numbers(rows: Sequence) -> tuple[array, ...]:
         """The number columns of C{rows}, one array each."""

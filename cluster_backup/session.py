@@ -5,7 +5,7 @@ L{cluster_backup.protocol}.
 
 Each helper hides the conversation's paging: L{report_inventory},
 L{report_delta}, L{claim} and L{release} split their lists into pages that
-fit the AMP value limit, and L{list_all_needs}, L{list_surplus} and
+fit the AMP value limit (a L{Report} carries up to L{MAX_CHUNKS} of them), and L{list_all_needs}, L{list_surplus} and
 L{status_all} follow cursors to the end.  L{login} authenticates both ways.
 They fire Deferreds, so Twisted code calls them without coroutines.  They
 are kept apart from the server so that a client imports only the contract
@@ -27,11 +27,13 @@ from twisted.internet.defer import Deferred
 from twisted.protocols import amp
 
 from .protocol import (
+    MAX_CHUNKS,
     NONCE_BYTES,
     PAGE_BUDGET,
     PROTOCOL_VERSION,
     Authenticate,
     AuthFailed,
+    Chunks,
     Claim,
     Hello,
     ListNeeds,
@@ -126,6 +128,11 @@ async def _send_reports(proto, source, store, pages, used, quota) -> ReportAnswe
     return ReportAnswer(stale=tuple(stale), orphans=tuple(orphans))
 
 
+def _boxes(pages: list) -> list:
+    """C{pages} of one list, grouped into L{Chunks} of one L{Report} each."""
+    return [Chunks(pages[k:k + MAX_CHUNKS]) for k in range(0, len(pages), MAX_CHUNKS)]
+
+
 def inventory_marks(count: int) -> list[str]:
     """The L{Report} C{inventory} marks of an inventory sent in C{count} pages."""
     if count <= 1:
@@ -148,9 +155,9 @@ async def report_inventory(
     C{"start+end"} when it fits, or when empty); fires with every stale and
     orphaned path the server answered.
     """
-    pages = page_records(records, budget) or [[]]
-    marks = inventory_marks(len(pages))
-    sends = [(page, [], mark) for page, mark in zip(pages, marks)]
+    boxes = _boxes(page_records(records, budget)) or [[]]
+    marks = inventory_marks(len(boxes))
+    sends = [(files, [], mark) for files, mark in zip(boxes, marks)]
     return await _send_reports(proto, source, store, sends, used, quota)
 
 
@@ -170,7 +177,7 @@ async def report_delta(
     renews the lease); fires with the stale and orphaned paths answered.
     """
     pairs = zip_longest(
-        page_records(held, budget), page_paths(removed, budget), fillvalue=[]
+        _boxes(page_records(held, budget)), _boxes(page_paths(removed, budget)), fillvalue=[]
     )
     sends = [(files, gone, "") for files, gone in pairs] or [([], [], "")]
     return await _send_reports(proto, source, store, sends, used, quota)

@@ -523,9 +523,12 @@ class CommandTests(SynchronousTestCase):
         )
 
     def test_report_inventory_pages(self):
+        """Pages travel MAX_CHUNKS to a Report; the server sees them in order."""
         held = [FileRecord(b"f%04d" % i, i, i) for i in range(100)]
+        pages = len(P.page_records(held, 100))
+        self.assertGreater(pages, 2 * P.MAX_CHUNKS)
         answer = self.h.ok(
-            S.report_inventory(self.h.client, SOURCE, STORE, held, budget=500)
+            S.report_inventory(self.h.client, SOURCE, STORE, held, budget=100)
         )
         self.assertEqual(set(answer.orphans), {r.path for r in held})
         names = [c[0] for c in self.ledger.calls]
@@ -534,7 +537,18 @@ class CommandTests(SynchronousTestCase):
         self.assertEqual(names.count("inventory_started"), 1)
         reported = [r for c in self.ledger.calls if c[0] == "report" for r in c[2]]
         self.assertEqual(reported, held)
-        self.assertGreater(names.count("report"), 1)
+        self.assertEqual(names.count("report"), -(-pages // P.MAX_CHUNKS))
+
+    def test_report_delta_chunks_both_lists(self):
+        held = [FileRecord(b"h%04d" % i, i, i) for i in range(60)]
+        gone = [b"g%04d" % i for i in range(90)]
+        boxes = -(-max(len(P.page_records(held, 100)), len(P.page_paths(gone, 100)))
+                  // P.MAX_CHUNKS)
+        self.h.ok(S.report_delta(self.h.client, SOURCE, STORE, held, gone, budget=100))
+        reports = [c for c in self.ledger.calls if c[0] == "report"]
+        self.assertEqual(len(reports), boxes)
+        self.assertEqual([r for c in reports for r in c[2]], held)
+        self.assertEqual([p for c in reports for p in c[3]], gone)
 
     def test_report_empty_inventory(self):
         answer = self.h.ok(S.report_inventory(self.h.client, SOURCE, STORE, []))
@@ -851,6 +865,31 @@ def raw_records(*paths: bytes) -> bytes:
     return wire.raw_records((p, 1, 1) for p in paths)
 
 
+class RawChunkedReport(amp.Command):
+    """L{Report} with raw values under any of files, files.1 ... files.13."""
+
+    commandName = P.Report.commandName
+    arguments = [
+        (b"source", amp.Unicode()),
+        (b"store", amp.Unicode()),
+        (b"files", amp.String(optional=True)),
+    ] + [(b"files.%d" % k, amp.String(optional=True)) for k in range(1, 14)] + [
+        (b"removed", amp.String()),
+        (b"inventory", amp.Unicode()),
+    ]
+    response = [(b"stale", amp.String())]
+    errors = dict(P.Report.allErrors)
+
+
+class RawChunkedClaim(amp.Command):
+    """L{Claim} with a continuation value, which Claim does not take."""
+
+    commandName = P.Claim.commandName
+    arguments = RawClaim.arguments + [(b"paths.1", amp.String())]
+    response = RawClaim.response
+    errors = dict(P.Claim.allErrors)
+
+
 BAD_PATHS = [
     b"../etc/passwd",
     b"a/../../b",
@@ -949,6 +988,41 @@ class RefusalTests(SynchronousTestCase):
                 inventory="",
             )
             self.check_refusal(self.h.refused(d, P.BadArgument), bad)
+        self.assertEqual(self.ledger.calls, [])
+        self.assertUnchanged()
+
+    def chunked_report(self, values: dict):
+        return self.h.client.callRemote(
+            RawChunkedReport, source=SOURCE, store=STORE, removed=b"", inventory="",
+            **values)
+
+    def test_chunked_report_joined(self):
+        d = self.chunked_report({"files": raw_records(b"a.txt"),
+                                 "files.1": raw_records(b"dir/b.bin")})
+        self.h.ok(d)
+        (call,) = self.ledger.calls
+        self.assertEqual([r.path for r in call[2]], [b"a.txt", b"dir/b.bin"])
+
+    def test_bad_chunk_keys_refused(self):
+        one = raw_records(b"a.txt")
+        cases = {
+            "continuation without a first value": {"files.1": one},
+            "a gap": {"files": one, "files.2": one},
+            "over MAX_CHUNKS values": {"files": one, **{
+                "files.%d" % k: one for k in range(1, P.MAX_CHUNKS + 1)}},
+        }
+        for why, values in cases.items():
+            f = self.h.refused(self.chunked_report(values), P.BadArgument)
+            self.assertIn("files", str(f.value), why)
+        d = self.h.client.callRemote(RawChunkedClaim, source=SOURCE, store=STORE,
+                                     paths=raw_paths(b"a.txt"),
+                                     **{"paths.1": raw_paths(b"dir/b.bin")})
+        f = self.h.refused(d, P.BadArgument)
+        self.assertIn("paths takes one value", str(f.value))
+        # A bad path in a later value refuses the whole report.
+        f = self.h.refused(self.chunked_report({"files": one, "files.1": raw_records(b"../x")}),
+                           P.BadArgument)
+        self.assertIsInstance(f.value, P.BadPath)
         self.assertEqual(self.ledger.calls, [])
         self.assertUnchanged()
 
