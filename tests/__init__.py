@@ -6,7 +6,8 @@ run under both pytest and trial.  Tests that start real processes are marked
 C{slow} for pytest (C{make test-fast} skips them); CI runs everything.
 
 One hypothesis profile for the whole suite, chosen by C{HYPOTHESIS_PROFILE}
-(default C{"default"}; C{"ci"} is the same but derandomized).
+(default C{"default"}; C{"ci"} is the same but derandomized; C{"deep"}
+tries 30 times as many examples, for changes to the ledger).
 """
 
 import os
@@ -24,6 +25,11 @@ settings.register_profile(
     parent=settings.get_profile("default"),
     derandomize=True,
     print_blob=True,
+)
+settings.register_profile(  # HYPOTHESIS_PROFILE=deep: before changing the ledger
+    "deep",
+    parent=settings.get_profile("default"),
+    max_examples=3000,
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 

@@ -1094,7 +1094,8 @@ class ModelTests(SynchronousTestCase):
         expected = not model.safe and (
             renew
             or (not model.host_has(store, path)
-                and (model.with_claims(path) < COPIES or (fill and not under)))
+                and (model.with_claims(path) < COPIES
+                     or (fill and not under and not model.claimers(path))))
         )
         granted = ledger.claim(store, [path], fill)
         self.assertEqual(granted, [path] if expected else [])
