@@ -359,6 +359,58 @@ class Ledger:
             if m & bit:
                 self._recount(i)
 
+    def _shift(self, moves: dict[int, list[int]], s: int, add: bool) -> None:
+        """
+        Apply a batch of holdings store C{s} gained (C{add}) or lost: files
+        without claims, listed under their holder mask.  Files with one mask
+        share their old and new tier (claims would make tiers differ), so
+        tallies and low marks move once per mask and only the arrays change
+        per file: a report of thousands of files pays a few array writes
+        each instead of a recount.  Empties C{moves}.
+        """
+        bit = 1 << s
+        holders, count, low, size = self._holders, self._count, self._low, self._size
+        live, copies, tally = self._live, self.copies, self._tally
+        inventory = self._inventory[s]
+        nfiles = nbytes = 0
+        for m, group in moves.items():
+            group = list(dict.fromkeys(group))  # a path reported twice moves once
+            new = self._intern(m | bit if add else m & ~bit)
+            for i in group:
+                holders[i] = new
+            k = len(group)
+            size_k = sum(_pick(size, group))
+            nfiles += k
+            nbytes += size_k
+            if not add and inventory is not None:
+                inventory.current.difference_update(group)
+            old_n = self._hosts_in(m & live)
+            new_n = self._hosts_in(new & live)
+            if old_n >= _CAP or new_n >= _CAP:
+                for i in group:
+                    self._recount(i)
+                continue
+            if new_n == old_n:
+                continue
+            for i in group:
+                count[i] = new_n
+            t = tally[old_n]
+            t[0] -= k
+            t[1] -= size_k
+            if not t[0]:
+                del tally[old_n]
+            t = tally.setdefault(new_n, [0, 0])
+            t[0] += k
+            t[1] += size_k
+            was_low, is_low = old_n < copies, new_n < copies
+            if was_low != is_low:
+                for i in group:
+                    low[i] = is_low
+                self._lows += k if is_low else -k
+        moves.clear()
+        self._held_files[s] += nfiles if add else -nfiles
+        self._held_bytes[s] += nbytes if add else -nbytes
+
     # -- holdings -----------------------------------------------------------
 
     def _drop_stale(self, i: int, s: int) -> Optional[tuple[int, int]]:
@@ -674,10 +726,19 @@ class Ledger:
         tell_orphans = self._tell_orphans[s]
         inventory = self._inventory[s]
         stale = self._stale
+        claims = self._claims
+        holders = self._holders
+        bit = 1 << s
+        moves: dict[int, list[int]] = {}  # unclaimed files s no longer holds, by mask
         for path in removed:
             i = ids.get(path)
             if i is not None:
-                self._unhold(i, s)
+                m = holders[i]
+                if m & bit:
+                    if i in claims:
+                        self._unhold(i, s)
+                    else:
+                        moves.setdefault(m, []).append(i)
                 if i in stale:
                     self._drop_stale(i, s)
                 if inventory is not None:
@@ -686,6 +747,8 @@ class Ledger:
             for d in (orphans, pending, tell_stale, tell_orphans):
                 if d:
                     d.pop(path, None)
+        if moves:
+            self._shift(moves, s, add=False)
         held = Records.of(held)
         if held.paths and not self._report_known(s, held, inventory):
             self._report_each(s, held, inventory)
@@ -718,24 +781,32 @@ class Ledger:
         return True
 
     def _report_each(self, s: int, held: Records, inventory: Optional[_Inventory]) -> None:
-        """Apply C{held} record by record (new holdings, stale and unknown paths)."""
+        """
+        Apply C{held} record by record (new holdings, stale and unknown
+        paths).  Two cases go fast: a file C{s} claimed (its fetch is done:
+        the claim becomes the holding, on the same host, so the file keeps
+        its tier) and an unclaimed file (batched by L{_shift}).  Anything
+        else first applies the batch, so the calls keep their order.
+        """
         ids = self._ids
         orphans = self._orphans[s]
         pending = self._pending[s]
         tell_stale = self._tell_stale[s]
-        tell_orphans = self._tell_orphans[s]
         bit = 1 << s
         holders = self._holders
         sizes = self._size
         mtimes = self._mtime
+        low = self._low
+        live = self._live
+        copies = self.copies
         scanned = self._scanned is not None
         claims = self._claims
         stale = self._stale
         masks_get = self._masks.get
-        intern = self._intern
-        recount = self._recount
+        ncopies_get = self._ncopies.get
         current = inventory.current if inventory is not None else None
-        nfiles = nbytes = 0
+        moves: dict[int, list[int]] = {}  # unclaimed files s now holds, by mask
+        nfiles = nbytes = unclaimed = lows = 0
         for path, size, mtime in zip(held.paths, held.sizes, held.mtimes):
             i = ids.get(path)
             if i is None:
@@ -743,35 +814,58 @@ class Ledger:
                     inventory.paths.add(path)
                 if scanned:
                     orphans[path] = (size, mtime)
-                    tell_orphans[path] = None
+                    self._tell_orphans[s][path] = None
                 else:
                     pending[path] = (size, mtime)
                 continue
-            if sizes[i] == size and mtimes[i] == mtime:
-                if current is not None:
-                    current.add(i)
-                m = holders[i]
-                if m & bit:
-                    continue  # already known: the common inventory case
-                if i in claims or i in stale:
-                    self._hold(i, s)
-                else:
-                    # _hold() inlined: this is the hot path of a fetch report.
-                    m |= bit
-                    holders[i] = masks_get(m) or intern(m)
-                    nfiles += 1
-                    nbytes += sizes[i]
-                    recount(i)
-                if tell_stale:
-                    tell_stale.pop(path, None)
-            else:
+            if sizes[i] != size or mtimes[i] != mtime:
+                if moves:
+                    self._shift(moves, s, add=True)
                 self._unhold(i, s)
                 stale.setdefault(i, {})[s] = (size, mtime)
                 tell_stale[path] = None
                 if inventory is not None:
                     inventory.other.add(i)
+                continue
+            if current is not None:
+                current.add(i)
+            m = holders[i]
+            if m & bit:
+                continue  # already known: the common inventory case
+            if tell_stale:
+                tell_stale.pop(path, None)
+            claimers = claims.get(i)
+            if i in stale or (claimers is not None and s not in claimers):
+                if moves:
+                    self._shift(moves, s, add=True)
+                self._hold(i, s)
+            elif claimers is None:
+                moves.setdefault(m, []).append(i)
+            else:
+                # The fetch s claimed is done: _hold() and _unclaim() inlined.
+                # s is live (this report renewed it), so its host counts the
+                # same as a holder as it did as a claimer: the tier stays.
+                m |= bit
+                holders[i] = masks_get(m) or self._intern(m)
+                nfiles += 1
+                nbytes += sizes[i]
+                del claimers[s]
+                if not claimers:
+                    del claims[i]
+                unclaimed += 1
+                real = ncopies_get(m & live)
+                if real is None:
+                    real = self._hosts_in(m & live)
+                is_low = real < copies
+                if is_low != low[i]:
+                    low[i] = is_low
+                    lows += 1 if is_low else -1
+        if moves:
+            self._shift(moves, s, add=True)
         self._held_files[s] += nfiles
         self._held_bytes[s] += nbytes
+        self._claim_count[s] -= unclaimed
+        self._lows += lows
 
     def inventory_finished(self, store: str) -> ReportAnswer:
         """

@@ -945,6 +945,12 @@ ops_st = st.lists(
         st.tuples(st.just("release"), stores_st, paths_st),
         st.tuples(st.just("drop"), stores_st, paths_st),
         st.tuples(st.just("lose"), stores_st, paths_st),
+        # Several files in one report (repeats and other versions included),
+        # as a fetched batch is: the ledger batches those.
+        st.tuples(st.just("fetchmany"), stores_st,
+                  st.lists(st.tuples(paths_st, st.sampled_from([None] + VERSIONS)),
+                           min_size=2, max_size=6)),
+        st.tuples(st.just("losemany"), stores_st, st.lists(paths_st, min_size=2, max_size=5)),
         st.tuples(st.just("report"), stores_st),
         st.tuples(st.just("inventory"), stores_st),
         st.tuples(st.just("begin"), stores_st),  # an inventory left open...
@@ -1030,6 +1036,26 @@ class ModelTests(SynchronousTestCase):
                 model.claims.pop((store, path), None)
                 model.last[store] = model.now
                 ledger.report(store, [rec(path, *model.current[path])])
+
+    def do_fetchmany(self, ledger, model, store, items):
+        """Report (path, version) items at once; None is the current version."""
+        records = []
+        for path, version in items:
+            if path not in model.current:
+                continue
+            version = version or model.current[path]
+            model.truth[store][path] = version
+            if version == model.current[path]:
+                model.claims.pop((store, path), None)
+            records.append(rec(path, *version))
+        model.last[store] = model.now
+        ledger.report(store, records)
+
+    def do_losemany(self, ledger, model, store, paths):
+        for path in paths:
+            model.truth[store].pop(path, None)
+        model.last[store] = model.now
+        ledger.report(store, removed=paths)
 
     def do_lose(self, ledger, model, store, path):
         if path in model.truth[store]:
