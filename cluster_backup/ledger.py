@@ -792,6 +792,7 @@ class Ledger:
         orphans = self._orphans[s]
         pending = self._pending[s]
         tell_stale = self._tell_stale[s]
+        tell_orphans = self._tell_orphans[s]
         bit = 1 << s
         holders = self._holders
         sizes = self._size
@@ -814,7 +815,7 @@ class Ledger:
                     inventory.paths.add(path)
                 if scanned:
                     orphans[path] = (size, mtime)
-                    self._tell_orphans[s][path] = None
+                    tell_orphans[path] = None
                 else:
                     pending[path] = (size, mtime)
                 continue

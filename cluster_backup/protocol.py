@@ -351,13 +351,16 @@ class _Encoded(amp.Argument):
         self._chunked = chunked
         self._join = join
 
+    # Our argument names are plain identifiers: the wire name decoded is the
+    # Python one.
     def toBox(self, name, strings, objects, proto):
-        value = objects.get(name.decode())
+        label = name.decode()
+        value = objects.get(label)
         if not isinstance(value, Chunks):
             return super().toBox(name, strings, objects, proto)
         if not self._chunked or not 0 < len(value) <= MAX_CHUNKS:
-            raise BadArgument(f"{len(value)} pages cannot go in one {name.decode()} value")
-        del objects[name.decode()]
+            raise BadArgument(f"{len(value)} pages cannot go in one {label} value")
+        del objects[label]
         strings[name] = self.toString(value[0])
         for k, page in enumerate(value[1:], 1):
             strings[b"%s.%d" % (name, k)] = self.toString(page)
@@ -378,7 +381,7 @@ class _Encoded(amp.Argument):
             raise BadArgument(f"{label}: its values must be {label}, {label}.1, "
                               f"{label}.2 ... without gaps")
         pages = [self.fromString(strings.pop(k)) for k in [name] + keys]
-        objects[name.decode()] = self._join(pages)
+        objects[label] = self._join(pages)
 
     def toString(self, inObject) -> bytes:
         data = self._encode(inObject)
@@ -517,8 +520,8 @@ class Report(_Command):
 
     C{files} and C{removed} may each span up to L{MAX_CHUNKS} values (see
     L{Chunks}).  A full inventory is a run of reports marked C{"start"},
-    C{""}..., C{"end"}; a one-report inventory is marked C{"start+end"}.  An unmarked (C{""})
-    report outside an inventory is a delta.
+    C{""}..., C{"end"}; a one-report inventory is marked C{"start+end"}.
+    An unmarked (C{""}) report outside an inventory is a delta.
 
     The answer lists C{stale} paths (held at an old version) and C{orphans}
     (no longer in the source).  When they would not fit in one answer the

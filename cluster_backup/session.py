@@ -5,8 +5,9 @@ L{cluster_backup.protocol}.
 
 Each helper hides the conversation's paging: L{report_inventory},
 L{report_delta}, L{claim} and L{release} split their lists into pages that
-fit the AMP value limit (a L{Report} carries up to L{MAX_CHUNKS} of them), and L{list_all_needs}, L{list_surplus} and
-L{status_all} follow cursors to the end.  L{login} authenticates both ways.
+fit the AMP value limit (a L{Report} carries up to L{MAX_CHUNKS} of them),
+and L{list_all_needs}, L{list_surplus} and L{status_all} follow cursors to
+the end.  L{login} authenticates both ways.
 They fire Deferreds, so Twisted code calls them without coroutines.  They
 are kept apart from the server so that a client imports only the contract
 and these.
@@ -134,7 +135,7 @@ def _boxes(pages: list) -> list:
 
 
 def inventory_marks(count: int) -> list[str]:
-    """The L{Report} C{inventory} marks of an inventory sent in C{count} pages."""
+    """The L{Report} C{inventory} marks of an inventory sent in C{count} reports."""
     if count <= 1:
         return ["start+end"]
     return ["start"] + [""] * (count - 2) + ["end"]
