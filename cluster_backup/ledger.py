@@ -33,11 +33,13 @@ from __future__ import annotations
 
 import struct
 from array import array
+from collections import Counter
 from hashlib import blake2b
 from heapq import heapify, heappop, heappush, merge
+from itertools import compress, repeat
 from itertools import count as counter
-from operator import itemgetter
-from typing import Iterable, Iterator, Mapping, Optional
+from operator import contains, itemgetter, not_
+from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 from .records import FileRecord, Needs, Records, ReportAnswer, SourceStatus, StoreStatus
 
@@ -88,6 +90,32 @@ def _pick(column, ids: list[int]) -> tuple:
     if len(ids) == 1:
         return (column[ids[0]],)
     return itemgetter(*ids)(column) if ids else ()
+
+
+def _assign(column, ids: Sequence[int], masks: Sequence[int], value_of: dict) -> None:
+    """
+    C{column[i] = value_of[m]} for each file C{i} of C{ids} and its mask C{m}
+    of C{masks}.  A plain loop: on CPython 3.11 it beats C{map} over
+    C{__setitem__} threefold (its subscript store is specialised).
+    """
+    if len(value_of) == 1:
+        (value,) = value_of.values()
+        for i in ids:
+            column[i] = value
+    else:
+        for i, m in zip(ids, masks):
+            column[i] = value_of[m]
+
+
+def _once(ids: Sequence[int], *columns: Sequence) -> tuple[Sequence, ...]:
+    """
+    C{ids} and the C{columns} beside them, with each repeated id (a path
+    reported twice) kept once.
+    """
+    if len(set(ids)) == len(ids):
+        return (ids, *columns)
+    first = dict(zip(ids, zip(*columns)))
+    return (list(first), *map(list, zip(*first.values())))
 
 
 class _Inventory:
@@ -359,57 +387,97 @@ class Ledger:
             if m & bit:
                 self._recount(i)
 
-    def _shift(self, moves: dict[int, list[int]], s: int, add: bool) -> None:
+    def _shift(self, ids: list[int], masks: Sequence[int], s: int, add: bool) -> None:
         """
         Apply a batch of holdings store C{s} gained (C{add}) or lost: files
-        without claims, listed under their holder mask.  Files with one mask
-        share their old and new tier (claims would make tiers differ), so
-        tallies and low marks move once per mask and only the arrays change
-        per file: a report of thousands of files pays a few array writes
-        each instead of a recount.  Empties C{moves}.
+        C{ids}, none of them claimed, whose holder masks are C{masks}.
+        Files with one mask share their old and new tier (claims would make
+        tiers differ), so tiers, tallies and low marks are worked out once
+        per distinct mask, and per file only the arrays are written: a
+        report of thousands of files pays no recount for each.
         """
+        ids, masks = _once(ids, masks)
         bit = 1 << s
-        holders, count, low, size = self._holders, self._count, self._low, self._size
         live, copies, tally = self._live, self.copies, self._tally
+        hosts_in = self._hosts_in
+        new_of = {m: self._intern(m | bit if add else m & ~bit) for m in set(masks)}
+        _assign(self._holders, ids, masks, new_of)
+        sizes = _pick(self._size, ids)
+        k, total = len(ids), sum(sizes)
+        self._held_files[s] += k if add else -k
+        self._held_bytes[s] += total if add else -total
         inventory = self._inventory[s]
-        nfiles = nbytes = 0
-        for m, group in moves.items():
-            group = list(dict.fromkeys(group))  # a path reported twice moves once
-            new = self._intern(m | bit if add else m & ~bit)
-            for i in group:
-                holders[i] = new
-            k = len(group)
-            size_k = sum(_pick(size, group))
-            nfiles += k
-            nbytes += size_k
-            if not add and inventory is not None:
-                inventory.current.difference_update(group)
-            old_n = self._hosts_in(m & live)
-            new_n = self._hosts_in(new & live)
-            if old_n >= _CAP or new_n >= _CAP:
-                for i in group:
+        if not add and inventory is not None:
+            inventory.current.difference_update(ids)
+        tier_of = {m: hosts_in(new & live) for m, new in new_of.items()}
+        old_of = {m: hosts_in(m & live) for m in new_of}
+        moved = {m: (old_of[m], n) for m, n in tier_of.items() if old_of[m] != n}
+        if not moved:
+            return
+        if any(old >= _CAP or n >= _CAP for old, n in moved.values()):
+            for i, m in zip(ids, masks):
+                if m in moved:
                     self._recount(i)
-                continue
-            if new_n == old_n:
-                continue
-            for i in group:
-                count[i] = new_n
-            t = tally[old_n]
-            t[0] -= k
-            t[1] -= size_k
+            return
+        _assign(self._count, ids, masks, tier_of)
+        files = Counter(masks)
+        if len(files) == 1:
+            nbytes = {masks[0]: total}
+        else:
+            nbytes = dict.fromkeys(moved, 0)
+            for m, size in zip(masks, sizes):
+                if m in nbytes:
+                    nbytes[m] += size
+        lows = 0
+        for m, (old, n) in moved.items():
+            t = tally[old]
+            t[0] -= files[m]
+            t[1] -= nbytes[m]
             if not t[0]:
-                del tally[old_n]
-            t = tally.setdefault(new_n, [0, 0])
-            t[0] += k
-            t[1] += size_k
-            was_low, is_low = old_n < copies, new_n < copies
-            if was_low != is_low:
-                for i in group:
-                    low[i] = is_low
-                self._lows += k if is_low else -k
-        moves.clear()
-        self._held_files[s] += nfiles if add else -nfiles
-        self._held_bytes[s] += nbytes if add else -nbytes
+                del tally[old]
+            t = tally.setdefault(n, [0, 0])
+            t[0] += files[m]
+            t[1] += nbytes[m]
+            lows += files[m] * ((n < copies) - (old < copies))
+        if any((old < copies) != (n < copies) for old, n in moved.values()):
+            low_of = {m: n < copies for m, n in tier_of.items()}
+            _assign(self._low, ids, masks, low_of)
+            self._lows += lows
+
+    def _take(self, ids: list[int], masks: Sequence[int], claimers: list[dict], s: int) -> None:
+        """
+        Store C{s} finished fetches it claimed: the files C{ids} (holder
+        masks C{masks}, claims C{claimers}, each held by C{s}'s claim) gain
+        C{s} as a holder and lose that claim.  C{s} is live (its report
+        renewed it), so its host counts as a holder just as it did as a
+        claimer: the files keep their tiers, and only low marks may change,
+        worked out once per mask; per file only a few plain stores remain.
+        """
+        ids, masks, claimers = _once(ids, masks, claimers)
+        bit = 1 << s
+        live, copies, hosts_in = self._live, self.copies, self._hosts_in
+        new_of = {m: self._intern(m | bit) for m in set(masks)}
+        _assign(self._holders, ids, masks, new_of)
+        claims = self._claims
+        if max(map(len, claimers)) == 1:  # the usual case: s alone claimed them
+            for i in ids:
+                del claims[i]
+        else:
+            for i, claimers_i in zip(ids, claimers):
+                del claimers_i[s]
+                if not claimers_i:
+                    del claims[i]
+        k = len(ids)
+        self._held_files[s] += k
+        self._held_bytes[s] += sum(_pick(self._size, ids))
+        self._claim_count[s] -= k
+        # A file's low mark follows its holder mask (claims aside).
+        low_of = {m: hosts_in(new & live) < copies for m, new in new_of.items()}
+        if any(low_of[m] != (hosts_in(m & live) < copies) for m in new_of):
+            files = Counter(masks)
+            self._lows += sum(files[m] * (low_of[m] - (hosts_in(m & live) < copies))
+                              for m in new_of)
+            _assign(self._low, ids, masks, low_of)
 
     # -- holdings -----------------------------------------------------------
 
@@ -719,17 +787,72 @@ class Ledger:
         s = self._store(store)
         now = self._tick()
         self._renew(s, now)
-        ids = self._ids
-        orphans = self._orphans[s]
-        pending = self._pending[s]
-        tell_stale = self._tell_stale[s]
-        tell_orphans = self._tell_orphans[s]
         inventory = self._inventory[s]
+        removed = removed if isinstance(removed, list) else list(removed)
+        if removed and not self._remove_bulk(s, removed, inventory):
+            self._remove_each(s, removed, inventory)
+        held = Records.of(held)
+        if held.paths and not self._report_bulk(s, held, inventory):
+            self._report_each(s, held, inventory)
+        if used is not None:
+            self._used[s] = used
+        if quota is not None:
+            self._quota[s] = quota
+        return self._answer(s)
+
+    def _ids_once(self, paths: list[bytes]) -> Optional[list[int]]:
+        """
+        The ids of C{paths} if the ledger knows each of them and none
+        repeats, and none of those files has a stale version held anywhere:
+        then every path changes only its own file, and a report can be
+        applied in batches, in any order.  Else None.
+        """
+        try:
+            ids = list(map(self._ids.__getitem__, paths))
+        except KeyError:
+            return None
+        if len(set(ids)) != len(ids) or not self._stale.keys().isdisjoint(ids):
+            return None
+        return ids
+
+    def _remove_bulk(self, s: int, removed: list[bytes], inventory: Optional[_Inventory]) -> bool:
+        """
+        The common removal (known paths, each once, unclaimed, no stale
+        version anywhere) applied in batches by L{_shift}; says True.  Else
+        changes nothing and says False.
+        """
+        ids = self._ids_once(removed)
+        if ids is None or not self._claims.keys().isdisjoint(ids):
+            return False
+        masks = _pick(self._holders, ids)
+        held = list(map((1 << s).__and__, masks))
+        if all(held):
+            self._shift(ids, masks, s, add=False)
+        elif any(held):
+            self._shift(list(compress(ids, held)), list(compress(masks, held)), s, add=False)
+        if inventory is not None:
+            inventory.other.difference_update(ids)
+        self._forget_paths(s, removed)
+        return True
+
+    def _forget_paths(self, s: int, paths: list[bytes]) -> None:
+        """C{s} no longer holds C{paths}: forget them as its orphans, pending and news."""
+        # Most of these are empty: look only in those that are not.
+        for d in (self._orphans[s], self._pending[s], self._tell_stale[s],
+                  self._tell_orphans[s]):
+            if d:
+                for path in paths:
+                    d.pop(path, None)
+
+    def _remove_each(self, s: int, removed: list[bytes], inventory: Optional[_Inventory]) -> None:
+        """Apply C{removed} path by path (unknown, repeated, claimed or stale ones)."""
+        ids = self._ids
         stale = self._stale
         claims = self._claims
         holders = self._holders
         bit = 1 << s
-        moves: dict[int, list[int]] = {}  # unclaimed files s no longer holds, by mask
+        gone: list[int] = []  # unclaimed files s no longer holds, and their masks
+        masks: list[int] = []
         for path in removed:
             i = ids.get(path)
             if i is not None:
@@ -738,32 +861,23 @@ class Ledger:
                     if i in claims:
                         self._unhold(i, s)
                     else:
-                        moves.setdefault(m, []).append(i)
+                        gone.append(i)
+                        masks.append(m)
                 if i in stale:
                     self._drop_stale(i, s)
                 if inventory is not None:
                     inventory.other.discard(i)
-            # Most of these are empty: look only in those that are not.
-            for d in (orphans, pending, tell_stale, tell_orphans):
-                if d:
-                    d.pop(path, None)
-        if moves:
-            self._shift(moves, s, add=False)
-        held = Records.of(held)
-        if held.paths and not self._report_known(s, held, inventory):
-            self._report_each(s, held, inventory)
-        if used is not None:
-            self._used[s] = used
-        if quota is not None:
-            self._quota[s] = quota
-        return self._answer(s)
+        if gone:
+            self._shift(gone, masks, s, add=False)
+        self._forget_paths(s, removed)
 
-    def _report_known(self, s: int, held: Records, inventory: Optional[_Inventory]) -> bool:
+    def _report_bulk(self, s: int, held: Records, inventory: Optional[_Inventory]) -> bool:
         """
-        The common case of an inventory, checked as a whole at C speed:
-        every record is a file C{s} already holds at the current version.
-        Then only the inventory's marks change, and this says True; else it
-        changes nothing and says False.
+        The common reports, at C speed: every record a file the ledger
+        knows, at its current version, each once, with no stale version
+        held anywhere.  An inventory's renewals change only the inventory's
+        marks; new holdings go to L{_hold_new}.  Says True; for any other
+        report it changes nothing and says False.
         """
         try:
             ids = list(map(self._ids.__getitem__, held.paths))
@@ -771,22 +885,64 @@ class Ledger:
             return False
         # Arrays compare with memcmp; only gathering the ledger's side is per
         # item.  Holder masks are interned, so a page has few distinct ones.
-        bit = 1 << s
+        masks = _pick(self._holders, ids)
         if (array("q", _pick(self._size, ids)) != held.sizes
-                or array("q", _pick(self._mtime, ids)) != held.mtimes
-                or not all(m & bit for m in set(_pick(self._holders, ids)))):
+                or array("q", _pick(self._mtime, ids)) != held.mtimes):
             return False
+        bit = 1 << s
+        known = [m & bit for m in set(masks)]
+        if not all(known):
+            if len(set(ids)) != len(ids) or not self._stale.keys().isdisjoint(ids):
+                return False
+            if any(known):  # some were held already: only the others are new
+                new = list(map(not_, map(bit.__and__, masks)))
+                self._hold_new(s, list(compress(ids, new)), list(compress(masks, new)))
+            else:
+                self._hold_new(s, ids, masks)
         if inventory is not None:
             inventory.current.update(ids)
         return True
 
+    def _hold_new(self, s: int, ids: Sequence[int], masks: Sequence[int]) -> None:
+        """
+        C{s} now holds the files C{ids} (each once, current, not held by
+        C{s} before, with holder masks C{masks}): unclaimed ones go to
+        L{_shift} and those C{s} claimed to L{_take}, in batches; files only
+        other stores claimed change tiers one by one.
+        """
+        claims = self._claims
+        if claims.keys().isdisjoint(ids):
+            self._shift(ids, masks, s, add=True)
+        else:
+            claimers = list(map(claims.get, ids))
+            try:
+                mine_all = all(map(contains, claimers, repeat(s)))
+            except TypeError:  # None: a file nobody claims
+                mine_all = False
+            if mine_all:
+                self._take(ids, masks, claimers, s)
+            else:
+                free, mine, theirs = [], [], []  # indexes into ids
+                for k, c in enumerate(claimers):
+                    (free if c is None else mine if s in c else theirs).append(k)
+                if free:
+                    self._shift(_pick(ids, free), _pick(masks, free), s, add=True)
+                if mine:
+                    self._take(_pick(ids, mine), _pick(masks, mine), _pick(claimers, mine), s)
+                for k in theirs:
+                    self._hold(ids[k], s)
+        tell_stale = self._tell_stale[s]
+        if tell_stale:
+            paths = self._paths
+            for i in ids:
+                tell_stale.pop(paths[i], None)
+
     def _report_each(self, s: int, held: Records, inventory: Optional[_Inventory]) -> None:
         """
-        Apply C{held} record by record (new holdings, stale and unknown
-        paths).  Two cases go fast: a file C{s} claimed (its fetch is done:
-        the claim becomes the holding, on the same host, so the file keeps
-        its tier) and an unclaimed file (batched by L{_shift}).  Anything
-        else first applies the batch, so the calls keep their order.
+        Apply C{held} record by record (unknown, repeated and stale paths
+        among them).  New holdings still go in batches (L{_shift},
+        L{_take}) while they can; anything else first applies the batches,
+        so the calls keep their order.
         """
         ids = self._ids
         orphans = self._orphans[s]
@@ -797,17 +953,27 @@ class Ledger:
         holders = self._holders
         sizes = self._size
         mtimes = self._mtime
-        low = self._low
-        live = self._live
-        copies = self.copies
         scanned = self._scanned is not None
         claims = self._claims
         stale = self._stale
-        masks_get = self._masks.get
-        ncopies_get = self._ncopies.get
         current = inventory.current if inventory is not None else None
-        moves: dict[int, list[int]] = {}  # unclaimed files s now holds, by mask
-        nfiles = nbytes = unclaimed = lows = 0
+        free: list[int] = []  # unclaimed files s now holds, and their masks
+        free_masks: list[int] = []
+        mine: list[int] = []  # files s claimed and now holds, masks, claims
+        mine_masks: list[int] = []
+        mine_claims: list[dict[int, float]] = []
+
+        def flush():
+            if free:
+                self._shift(free, free_masks, s, add=True)
+                free.clear()
+                free_masks.clear()
+            if mine:
+                self._take(mine, mine_masks, mine_claims, s)
+                mine.clear()
+                mine_masks.clear()
+                mine_claims.clear()
+
         for path, size, mtime in zip(held.paths, held.sizes, held.mtimes):
             i = ids.get(path)
             if i is None:
@@ -820,8 +986,7 @@ class Ledger:
                     pending[path] = (size, mtime)
                 continue
             if sizes[i] != size or mtimes[i] != mtime:
-                if moves:
-                    self._shift(moves, s, add=True)
+                flush()
                 self._unhold(i, s)
                 stale.setdefault(i, {})[s] = (size, mtime)
                 tell_stale[path] = None
@@ -837,36 +1002,16 @@ class Ledger:
                 tell_stale.pop(path, None)
             claimers = claims.get(i)
             if i in stale or (claimers is not None and s not in claimers):
-                if moves:
-                    self._shift(moves, s, add=True)
+                flush()
                 self._hold(i, s)
             elif claimers is None:
-                moves.setdefault(m, []).append(i)
+                free.append(i)
+                free_masks.append(m)
             else:
-                # The fetch s claimed is done: _hold() and _unclaim() inlined.
-                # s is live (this report renewed it), so its host counts the
-                # same as a holder as it did as a claimer: the tier stays.
-                m |= bit
-                holders[i] = masks_get(m) or self._intern(m)
-                nfiles += 1
-                nbytes += sizes[i]
-                del claimers[s]
-                if not claimers:
-                    del claims[i]
-                unclaimed += 1
-                real = ncopies_get(m & live)
-                if real is None:
-                    real = self._hosts_in(m & live)
-                is_low = real < copies
-                if is_low != low[i]:
-                    low[i] = is_low
-                    lows += 1 if is_low else -1
-        if moves:
-            self._shift(moves, s, add=True)
-        self._held_files[s] += nfiles
-        self._held_bytes[s] += nbytes
-        self._claim_count[s] -= unclaimed
-        self._lows += lows
+                mine.append(i)
+                mine_masks.append(m)
+                mine_claims.append(claimers)
+        flush()
 
     def inventory_finished(self, store: str) -> ReportAnswer:
         """

@@ -86,6 +86,45 @@ def snapshot(ledger):
     )
 
 
+def audit(test, ledger):
+    """
+    The ledger's running tallies (tiers, low marks, per-tier totals, per-store
+    files, bytes and claims), recomputed from its holder masks and claims:
+    reports apply them in batches, and a batch that miscounts shows here.
+    """
+    ledger.status()  # expire claims and stores due by now
+    live = ledger._live
+    tiers = Counter()
+    nbytes = Counter()
+    held = Counter()
+    held_bytes = Counter()
+    claimed = Counter()
+    lows = 0
+    for i, path in enumerate(ledger._paths):
+        if path is None:
+            continue
+        mask = ledger._holders[i]
+        claims = ledger._claims.get(i, {})
+        for s in claims:
+            claimed[s] += 1
+        tier = ledger._hosts_in((mask & live) | sum(1 << s for s in claims))
+        test.assertEqual(ledger._copies(i), tier, path)
+        low = ledger._hosts_in(mask & live) < ledger.copies
+        test.assertEqual(bool(ledger._low[i]), low, path)
+        lows += low
+        tiers[tier] += 1
+        nbytes[tier] += ledger._size[i]
+        for s in range(len(ledger._store_ids)):
+            if mask >> s & 1:
+                held[s] += 1
+                held_bytes[s] += ledger._size[i]
+    test.assertEqual(ledger._lows, lows)
+    test.assertEqual(ledger._tally, {n: [tiers[n], nbytes[n]] for n in tiers})
+    for s in range(len(ledger._store_ids)):
+        test.assertEqual((ledger._held_files[s], ledger._held_bytes[s], ledger._claim_count[s]),
+                         (held[s], held_bytes[s], claimed[s]), ledger._store_ids[s])
+
+
 class CountingTests(SynchronousTestCase):
     """Copies are counted once per distinct host, at the current version."""
 
@@ -846,6 +885,46 @@ class SurplusTests(SynchronousTestCase):
         self.assertRaises(UnknownStore, ledger.surplus, "x:/1", None, 10)
 
 
+class BatchedReportTests(SynchronousTestCase):
+    """
+    Reports of many files are applied in batches (by holder mask); the
+    batches must count as file-by-file calls would.  Each case is one the
+    random model below meets rarely.
+    """
+
+    def test_held_and_new_files_in_one_report(self):
+        ledger, _ = make(files=[b"f", b"g", b"h"])
+        ledger.report("a:/1", [rec(b"f")])
+        ledger.report("a:/1", [rec(b"f"), rec(b"g"), rec(b"h", 10)])
+        (a1,) = [s for s in ledger.store_status() if s.store == "a:/1"]
+        self.assertEqual((a1.files, a1.bytes), (3, 30))
+        self.assertEqual(ledger.status().histogram, {1: [3, 30]})
+        audit(self, ledger)
+
+    def test_fetch_of_a_file_two_stores_claimed(self):
+        ledger, _ = make(files=[b"f"])
+        self.assertEqual(ledger.claim("a:/1", [b"f"]), [b"f"])
+        self.assertEqual(ledger.claim("b:/1", [b"f"]), [b"f"])
+        ledger.report("a:/1", [rec(b"f")])
+        # b:/1's claim still counts: f has its two copies for now.
+        self.assertEqual([(n.path, n.copies) for n in needs_all(ledger, "c:/1")],
+                         [(b"f", 2)])
+        claims = {s.store: s.claims for s in ledger.store_status()}
+        self.assertEqual((claims["a:/1"], claims["b:/1"]), (0, 1))
+        audit(self, ledger)
+
+    def test_fetched_claims_own_and_others_and_free_in_one_report(self):
+        ledger, _ = make(files=[b"f", b"g", b"h"])
+        ledger.claim("a:/1", [b"f"])
+        ledger.claim("b:/1", [b"g"])
+        ledger.report("a:/1", [rec(b"f"), rec(b"g"), rec(b"h")])
+        self.assertEqual(ledger.status().histogram, {1: [3, 30]})
+        # g counts a:/1's holding and b:/1's claim; f and h one copy each.
+        self.assertEqual(sorted((n.path, n.copies) for n in needs_all(ledger, "c:/1")),
+                         [(b"f", 1), (b"g", 2), (b"h", 1)])
+        audit(self, ledger)
+
+
 class ScaleTests(SynchronousTestCase):
     """Counts past a byte, and listings that move on after a claim."""
 
@@ -865,6 +944,12 @@ class ScaleTests(SynchronousTestCase):
             ledger.drop(f"h{n}:/s", [b"g"])
         self.assertEqual(ledger.status().histogram, {2: [1, 10], 299: [1, 10]})
         self.assertEqual([n.copies for n in needs_all(ledger, "h299:/s")], [2])
+        audit(self, ledger)
+        # Reported removals and new holdings cross the cap in batches too.
+        for n in range(2, 260):
+            ledger.report(f"h{n}:/s", [rec(b"g")], [b"f"])
+        self.assertEqual(ledger.status().histogram, {41: [1, 10], 260: [1, 10]})
+        audit(self, ledger)
 
     def test_a_claim_moves_the_listing_on(self):
         files = [b"f%03d" % n for n in range(1000)]
@@ -942,6 +1027,7 @@ ops_st = st.lists(
         st.tuples(st.just("fetch"), st.sets(stores_st, min_size=1), paths_st),
         st.tuples(st.just("drop"), stores_st, paths_st),
         st.tuples(st.just("claim"), stores_st, paths_st, st.booleans()),
+        st.tuples(st.just("claimfetch"), stores_st, paths_st),  # as a client does
         st.tuples(st.just("release"), stores_st, paths_st),
         st.tuples(st.just("drop"), stores_st, paths_st),
         st.tuples(st.just("lose"), stores_st, paths_st),
@@ -1128,6 +1214,11 @@ class ModelTests(SynchronousTestCase):
         if expected:
             model.claims[(store, path)] = model.now + TTL
 
+    def do_claimfetch(self, ledger, model, store, path):
+        self.do_claim(ledger, model, store, path, False)
+        self.check(ledger, model)
+        self.do_fetch(ledger, model, {store}, path)
+
     def do_release(self, ledger, model, store, path):
         if path not in model.current:
             self.assertRaises(UnknownPath, ledger.release, store, [path])
@@ -1157,6 +1248,7 @@ class ModelTests(SynchronousTestCase):
                 )
 
     def check(self, ledger, model):
+        audit(self, ledger)
         status = ledger.status()
         histogram = Counter()
         sizes = Counter()
