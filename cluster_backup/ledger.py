@@ -18,9 +18,13 @@ It is built for millions of files, in memory and in time per call:
     that each of its claims moves to a new pseudo-random place: stores
     asking together start at different places, and stores that took
     neighbouring files do not go on to list the same ones.
-  - Reports, the hot path of every inventory, are checked as a whole with
-    C-level calls (C{map}, C{itemgetter}, tuple comparison); only the
-    records that change something are handled one by one.
+  - Reports, the hot path of every inventory and fetch, are checked as a
+    whole with C-level calls (C{map}, C{itemgetter}, array comparison).
+    Files that change holders are applied in batches: files that share a
+    holder mask share their old and new tiers, so tiers, tallies and low
+    marks are worked out once per mask, and per file only plain array
+    stores remain.  Only unusual records (unknown paths, other versions,
+    repeats) go one by one.
   - Everything that depends on time (claims expiring, stores going dead,
     safemode ending) is evaluated lazily when a method is called.
 
