@@ -1236,6 +1236,19 @@ class EncodingTests(SynchronousTestCase):
     def test_paths_round_trip(self, paths):
         self.assertEqual(P.decode_paths(P.encode_paths(paths)), paths)
 
+    @given(st.lists(st.integers(1, 300).map(lambda n: b"s" * n), max_size=60),
+           st.integers(0, 60), st.integers(2000, 4200))
+    def test_a_long_path_anywhere_in_a_page_is_measured(self, short, at, n):
+        # The decoder skips measuring paths when every aligned block of the
+        # page holds a NUL; a path over MAX_PATH must still be caught
+        # wherever it falls, and one of MAX_PATH bytes pass.
+        paths = short[:at] + [b"L" * n] + short[at:]
+        data = P._encode(paths, (), check=False)
+        if n > P.MAX_PATH:
+            self.assertRaises(P.BadPath, P.decode_paths, data)
+        else:
+            self.assertEqual(P.decode_paths(data), paths)
+
     @given(st.lists(records_strategy, max_size=50))
     def test_records_round_trip(self, records):
         self.assertEqual(P.decode_records(P.encode_records(records)), records)
