@@ -229,6 +229,9 @@ class Ledger:
         # counted), and how many do: greedy fill waits until none does.
         self._low = bytearray()
         self._lows = 0
+        # When a claim on a low file was last granted or renewed: fill waits
+        # for the low files only while somebody is fetching them.
+        self._low_claimed = self._created
         self._holders: list[int] = []  # mask of stores holding it current
         self._free: list[int] = []
         self._tally: dict[int, list[int]] = {}  # count -> [files, bytes]
@@ -265,6 +268,7 @@ class Ledger:
         """Move every lease, claim and the safemode start on by C{seconds}."""
         self.deaf_seconds += seconds
         self._created += seconds
+        self._low_claimed += seconds
         self._last = [None if last is None else last + seconds for last in self._last]
         self._next_death = float("-inf")
         if self._claim_heap:
@@ -1239,7 +1243,11 @@ class Ledger:
         at or above their copies) such a path is also granted once every
         file of the source has C{copies} real live copies (claims do not
         count: surplus waits until the needed transfers are done, rather
-        than compete with them).  Without it, a need that went
+        than compete with them), or once no claim on a file below its
+        copies was granted or renewed for C{claim_ttl} seconds: nobody can
+        place those files now (every host that lacks one is full), and
+        surplus copies filled elsewhere are what lets a full store drop one
+        and take a rarer file in.  Without it, a need that went
         stale between L{needs} and this claim (other stores claimed it
         meanwhile) is refused, so it does not become an unplanned surplus
         copy.  A grant counts as a copy on its host for C{claim_ttl}
@@ -1256,6 +1264,8 @@ class Ledger:
         deadline = now + self._claim_ttl
         claims = self._claims
         copies = self.copies
+        low = self._low
+        fill_waits = self._lows and now - self._low_claimed < self._claim_ttl
         granted: list[bytes] = []
         granted_ids: list[int] = []
         for path, i in zip(paths, ids):
@@ -1264,16 +1274,20 @@ class Ledger:
                 claimers[s] = deadline
                 granted.append(path)
                 granted_ids.append(i)
+                if low[i]:
+                    self._low_claimed = now
                 continue
             if self._holders[i] & mine:
                 continue
             if claimers and any(mine >> t & 1 for t in claimers):
                 continue
-            if self._copies(i) >= copies and (not fill or self._lows or claimers):
-                # Not needed; as fill only once nothing is low, and not while
-                # another store fetches it (two stores racing for the same
-                # fill would both fetch it).
+            if self._copies(i) >= copies and (not fill or fill_waits or claimers):
+                # Not needed; as fill only once nothing is low (or the low
+                # files are stuck), and not while another store fetches it
+                # (two stores racing for the same fill would both fetch it).
                 continue
+            if low[i]:
+                self._low_claimed = now
             if claimers is None:
                 claims[i] = {s: deadline}
             else:

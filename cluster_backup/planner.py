@@ -198,13 +198,35 @@ def plan(
     they make it fit, else requests surplus drops (most surplus first) if
     those would, after which nothing more is fetched this round, so the
     space the drops make is not taken by a less rare file.
+
+    Greedy fill (needs at or above their copies) waits while anything
+    offered is still below its copies and could fit at all: surplus taken
+    now would only be swapped out again for the rarer files, and fetched
+    again by the next store.  It waits only as long as this round plans
+    one of those rarer files (a fetch, or drops to make room): when none
+    can be fetched or made room for here, the space is filled.  Idle space
+    would help nobody, and the surplus copies filled here are what lets a
+    full store elsewhere drop one and take a rarer file in (it may drop
+    only surplus).
     """
-    result = Plan()
-    # Greedy fill waits while anything offered is still below its copies
-    # (and could fit at all): surplus taken now would only be swapped out
-    # again for the rarer files, and fetched again by the next store.
+    args = dict(free=free, quota=quota, needs=needs, cost=cost, now=now,
+                keep_deleted=keep_deleted, held=held, orphans=orphans, busy=busy,
+                no_drop=no_drop)
     wait_fill = any(n.copies < n.wanted and cost(sid, n.path, n.size) <= quota
                     for sid, offered in needs for n in offered)
+    result = _plan(wait_fill=wait_fill, **args)
+    if wait_fill and not (result.fetch or result.waiting):
+        result = _plan(wait_fill=False, **args)
+    return result
+
+
+def _plan(*, free, quota, needs, cost, now, keep_deleted, held, orphans, busy, no_drop,
+          wait_fill: bool) -> Plan:
+    """
+    One pass of L{plan} (its arguments, typed there): with C{wait_fill},
+    needs at or above their copies are left out.
+    """
+    result = Plan()
     room = free
     young: list[Orphan] = []
     for o in sorted(orphans, key=lambda o: (o.since, o.source, o.path)):

@@ -27,12 +27,22 @@ def reference_plan(
     no_drop: AbstractSet[Key] = frozenset(),
 ) -> Plan:
     """The decisions of L{cluster_backup.planner.plan}, computed plainly."""
-    result = Plan()
+    args = dict(free=free, quota=quota, needs=needs, cost=cost, now=now,
+                keep_deleted=keep_deleted, held=held, orphans=orphans, busy=busy,
+                no_drop=no_drop)
     # Greedy fill waits while anything offered is still below its copies
-    # (and could fit at all): surplus taken now would only be swapped out
-    # again for the rarer files, and fetched again by the next store.
-    wait_fill = any(n.copies < n.wanted and cost(sid, n.path, n.size) <= quota
-                    for sid, offered in needs for n in offered)
+    # (and could fit at all), as long as one of those is planned.
+    if not any(cost(sid, n.path, n.size) <= quota
+               for sid, offered in needs for n in offered if n.copies < n.wanted):
+        return _reference_pass(wait_fill=False, **args)
+    result = _reference_pass(wait_fill=True, **args)
+    planned = result.fetch + result.waiting
+    return result if planned else _reference_pass(wait_fill=False, **args)
+
+
+def _reference_pass(*, free, quota, needs, cost, now, keep_deleted, held, orphans, busy,
+                    no_drop, wait_fill) -> Plan:
+    result = Plan()
     room = free
     expired_keys: set[Key] = set()
     young: list[Orphan] = []

@@ -291,6 +291,31 @@ class ClaimTests(SynchronousTestCase):
         self.assertEqual(ledger.claim("c:/1", [b"g"]), [b"g"])  # a need again
         self.assertEqual(ledger.claim("a:/2", [b"g"], fill=True), [])
 
+    def test_greedy_fill_goes_on_when_files_below_copies_are_stuck(self):
+        """
+        While nobody claims a file below its copies for a claim's lifetime
+        (every host lacking it is full, say), fill may go on: waiting
+        would leave space idle for good, and a copy filled here is the
+        surplus a full store elsewhere may drop to take the rare file in.
+        """
+        ledger, clock = make(copies=2, files=[b"f", b"g"])
+        ledger.report("a:/1", [rec(b"f"), rec(b"g")])
+        ledger.report("b:/1", [rec(b"g")])  # f is below its copies, g at them
+        clock.advance(TTL - 1)
+        self.assertEqual(ledger.claim("c:/1", [b"g"], fill=True), [])
+        clock.advance(1)
+        self.assertEqual(ledger.claim("c:/1", [b"g"], fill=True), [b"g"])
+        ledger.release("c:/1", [b"g"])
+        # Somebody fetching f: fill waits again, as long as the claim is renewed.
+        self.assertEqual(ledger.claim("d:/1", [b"f"]), [b"f"])
+        self.assertEqual(ledger.claim("c:/1", [b"g"], fill=True), [])
+        clock.advance(TTL - 1)
+        self.assertEqual(ledger.claim("d:/1", [b"f"]), [b"f"])  # renewed
+        clock.advance(TTL - 1)
+        self.assertEqual(ledger.claim("c:/1", [b"g"], fill=True), [])
+        clock.advance(1)
+        self.assertEqual(ledger.claim("c:/1", [b"g"], fill=True), [b"g"])
+
     def test_a_need_is_granted_only_while_below_copies(self):
         """A need others claimed meanwhile is refused, even once nothing is under."""
         ledger, _ = make(copies=2, files=[b"f", b"g"])
@@ -1064,6 +1089,7 @@ class Model:
         self.claims = {}  # (store, path) -> deadline
         self.inventoried = set()
         self.open = set()  # stores with an inventory begun and not ended
+        self.low_claimed = clock.seconds()  # a claim on a file below copies
 
     @property
     def now(self):
@@ -1203,16 +1229,20 @@ class ModelTests(SynchronousTestCase):
             return
         renew = store in model.claimers(path)
         under = any(len(model.hosts(p)) < COPIES for p in model.current)  # real copies
+        # Fill waits for files below copies while somebody claims them.
+        stuck = model.now - model.low_claimed >= TTL
         expected = not model.safe and (
             renew
             or (not model.host_has(store, path)
                 and (model.with_claims(path) < COPIES
-                     or (fill and not under and not model.claimers(path))))
+                     or (fill and (not under or stuck) and not model.claimers(path))))
         )
         granted = ledger.claim(store, [path], fill)
         self.assertEqual(granted, [path] if expected else [])
         if expected:
             model.claims[(store, path)] = model.now + TTL
+            if len(model.hosts(path)) < COPIES:
+                model.low_claimed = model.now
 
     def do_claimfetch(self, ledger, model, store, path):
         self.do_claim(ledger, model, store, path, False)

@@ -304,6 +304,27 @@ class ExampleTests(unittest.SynchronousTestCase):
         surplus_only = ("h1:/a", [need(b"s", copies=3, wanted=2)])
         self.assertEqual([n.path for _, n in self.plan(needs=[surplus_only]).fetch], [b"s"])
 
+    def test_greedy_fill_when_no_needed_file_can_be_placed_here(self):
+        """
+        A needed file that fits the quota but not the free space, with no
+        surplus here to drop for it, is not planned: then the free space is
+        filled (a full store elsewhere may then drop its now-surplus copy of
+        the filled file and take the needed one in).  Waiting would leave
+        the space idle for good.
+        """
+        big = ("h1:/a", [need(b"big", 600, copies=1), need(b"s", 300, copies=2, wanted=2)])
+        held = [Held("h1:/a", b"h", 100, 2, 2)]  # held at its copies: not droppable
+        p = self.plan(free=500, quota=5_000, needs=[big], held=held)
+        self.assertEqual([n.path for _, n in p.fetch], [b"s"])
+        self.assertEqual((p.drops, p.waiting), ([], []))
+        # With room for it, the needed file goes first and fill waits.
+        p = self.plan(free=700, quota=5_000, needs=[big], held=held)
+        self.assertEqual([n.path for _, n in p.fetch], [b"big"])
+        # With surplus to drop for it, drops are asked and fill waits too.
+        surplus = [Held("h1:/a", b"h", 200, 3, 2)]
+        p = self.plan(free=500, quota=5_000, needs=[big], held=surplus)
+        self.assertEqual((p.fetch, p.waiting), ([], [("h1:/a", b"big")]))
+
     def test_fills_free_space_only(self):
         p = self.plan(free=250, needs=[("h1:/a", [need(b"x", 100), need(b"y", 200), need(b"z", 150)])])
         self.assertEqual([n.path for _, n in p.fetch], [b"x", b"z"])
