@@ -484,10 +484,11 @@ class SimStore:
             page, cursor = self.sim.call("needs", src.ledger.needs, self.id, cursor,
                                          min(PAGE, limit - len(needs)))
             safemode = src.ledger.safemode
+            fill_waits = src.ledger.fill_waits
             needs.extend(page)
             if cursor is None:
                 break
-        return needs, safemode
+        return needs, safemode, fill_waits
 
     async def list_surplus(self, src: Source, limit: int = SURPLUS_LIMIT):
         needs: list = []
@@ -524,8 +525,10 @@ class SimStore:
                 sim.stats.full_rounds += 1
                 return False
         offered: list = []
+        hold_fill = False
         for src in sim.sources:
-            needs, safemode = await self.list_all_needs(src, client.NEEDS_PER_ROUND)
+            needs, safemode, fill_waits = await self.list_all_needs(src, client.NEEDS_PER_ROUND)
+            hold_fill = hold_fill or (fill_waits and not safemode)
             if not safemode:
                 offered.append((src.id, needs))
         asked = [sid for sid, _ in offered]
@@ -548,7 +551,7 @@ class SimStore:
             cost=lambda sid, path, size: size, now=now,
             keep_deleted={s.id: KEEP_DELETED for s in sim.sources},
             held=held, orphans=[], busy=frozenset(self.host.busy),
-            no_drop=frozenset(self.no_drop))
+            no_drop=frozenset(self.no_drop), hold_fill=hold_fill)
         dt = time.perf_counter() - t
         sim.stats.seconds["plan"] += dt
         sim.stats.calls["plan"] += 1

@@ -346,14 +346,15 @@ class Agent(MultiService):
             if not held:
                 return False
         offered: list[tuple[str, list]] = []
-        safe = False
+        safe = hold_fill = False
         for source in self.sources:
             proto = self._proto(source)
             if proto is None:
                 continue
             try:
-                needs, safemode = await session.list_all_needs(
+                needs, safemode, fill_waits = await session.list_all_needs(
                     proto, source.id, self.id, limit=NEEDS_PER_ROUND)
+                hold_fill = hold_fill or (fill_waits and not safemode)
                 if not safemode:
                     needs = await self._already_held(proto, source, needs)
             except Exception as e:
@@ -395,7 +396,7 @@ class Agent(MultiService):
             cost=lambda sid, path, size: self._cost(sid, path, size, parents), now=now,
             keep_deleted={s.id: s.keep_deleted for s in self.sources},
             held=held, orphans=orphans, busy=frozenset(self.busy),
-            no_drop=frozenset(self.no_drop))
+            no_drop=frozenset(self.no_drop), hold_fill=hold_fill)
         for key in plan.skipped_too_big:
             if key not in self.warned_too_big:
                 self.warned_too_big.add(key)

@@ -324,6 +324,20 @@ class Ledger:
         self._tick()
         return self._safe
 
+    @property
+    def fill_waits(self) -> bool:
+        """
+        True while greedy fill of this source waits (see L{claim}): some
+        file is below its copies and a store claimed one of those within
+        C{claim_ttl}.  Clients hold fill of every source while one of theirs
+        says so, so surplus of one source does not take the bandwidth and
+        the time the copies another still needs are being fetched in.
+        """
+        return self._fill_waits(self._tick())
+
+    def _fill_waits(self, now: float) -> bool:
+        return bool(self._lows) and now - self._low_claimed < self._claim_ttl
+
     # -- counting -----------------------------------------------------------
 
     def _hosts_in(self, mask: int) -> int:
@@ -1265,7 +1279,7 @@ class Ledger:
         claims = self._claims
         copies = self.copies
         low = self._low
-        fill_waits = self._lows and now - self._low_claimed < self._claim_ttl
+        fill_waits = self._fill_waits(now)
         granted: list[bytes] = []
         granted_ids: list[int] = []
         for path, i in zip(paths, ids):

@@ -178,6 +178,7 @@ def plan(
     orphans: Sequence[Orphan] = (),
     busy: AbstractSet[Key] = frozenset(),
     no_drop: AbstractSet[Key] = frozenset(),
+    hold_fill: bool = False,
 ) -> Plan:
     """
     Decide one round for one store.
@@ -207,15 +208,17 @@ def plan(
     can be fetched or made room for here, the space is filled.  Idle space
     would help nobody, and the surplus copies filled here are what lets a
     full store elsewhere drop one and take a rarer file in (it may drop
-    only surplus).
+    only surplus).  With C{hold_fill} (a server said its files below
+    copies are being fetched: L{cluster_backup.protocol.ListNeeds}) there
+    is no fill at all this round.
     """
     args = dict(free=free, quota=quota, needs=needs, cost=cost, now=now,
                 keep_deleted=keep_deleted, held=held, orphans=orphans, busy=busy,
                 no_drop=no_drop)
     wait_fill = any(n.copies < n.wanted and cost(sid, n.path, n.size) <= quota
                     for sid, offered in needs for n in offered)
-    result = _plan(wait_fill=wait_fill, **args)
-    if wait_fill and not (result.fetch or result.waiting):
+    result = _plan(wait_fill=wait_fill or hold_fill, **args)
+    if wait_fill and not hold_fill and not (result.fetch or result.waiting):
         result = _plan(wait_fill=False, **args)
     return result
 

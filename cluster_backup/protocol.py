@@ -580,8 +580,11 @@ class ListNeeds(_Command):
     first, starting after C{cursor}.  The answer's C{cursor} continues the
     listing (absent at the end); it may hold fewer than C{limit} needs to stay
     under the value limit.  C{safemode} true means the server lists no needs
-    yet.  Files the store's host holds are never listed; L{ListSurplus} gives
-    the copy counts of those above C{copies}.
+    yet.  C{fill_waits} true means files of the source are below their
+    copies and being fetched: the store should take no surplus (of any
+    source) meanwhile; absent means false.  Files the store's host holds are
+    never listed; L{ListSurplus} gives the copy counts of those above
+    C{copies}.
     """
 
     commandName = b"list-needs"
@@ -590,6 +593,7 @@ class ListNeeds(_Command):
         (b"needs", NeedList()),
         (b"cursor", amp.String(optional=True)),
         (b"safemode", amp.Boolean()),
+        (b"fill_waits", amp.Boolean(optional=True)),
     ]
     errors = _STORE_ERRORS
 

@@ -415,7 +415,8 @@ class ServerProtocol(amp.AMP):
     ) -> dict:
         ledger = self._ledger_for(source, store)
         needs, after = self._need_page(ledger.needs, store, cursor, limit)
-        return dict(needs=needs, cursor=after, safemode=ledger.safemode)
+        return dict(needs=needs, cursor=after, safemode=ledger.safemode,
+                    fill_waits=ledger.fill_waits)
 
     @ListSurplus.responder
     def list_surplus(

@@ -214,13 +214,13 @@ async def _follow(proto, command, source: str, store: str, limit: int,
 @_deferred
 async def list_all_needs(
     proto: amp.AMP, source: str, store: str, limit: int = 10_000, page: int = 1_000
-) -> tuple[list[Need], bool]:
+) -> tuple[list[Need], bool, bool]:
     """
     Follow L{ListNeeds} cursors until the end or C{limit} needs; fires with
-    C{(needs, safemode)}.
+    C{(needs, safemode, fill_waits)} (the last page's).
     """
     needs, last = await _follow(proto, ListNeeds, source, store, limit, page)
-    return needs, bool(last and last["safemode"])
+    return needs, bool(last and last["safemode"]), bool(last and last.get("fill_waits"))
 
 
 @_deferred

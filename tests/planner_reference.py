@@ -25,13 +25,17 @@ def reference_plan(
     orphans: Sequence[Orphan] = (),
     busy: AbstractSet[Key] = frozenset(),
     no_drop: AbstractSet[Key] = frozenset(),
+    hold_fill: bool = False,
 ) -> Plan:
     """The decisions of L{cluster_backup.planner.plan}, computed plainly."""
     args = dict(free=free, quota=quota, needs=needs, cost=cost, now=now,
                 keep_deleted=keep_deleted, held=held, orphans=orphans, busy=busy,
                 no_drop=no_drop)
     # Greedy fill waits while anything offered is still below its copies
-    # (and could fit at all), as long as one of those is planned.
+    # (and could fit at all), as long as one of those is planned; not at
+    # all while a server holds it.
+    if hold_fill:
+        return _reference_pass(wait_fill=True, **args)
     if not any(cost(sid, n.path, n.size) <= quota
                for sid, offered in needs for n in offered if n.copies < n.wanted):
         return _reference_pass(wait_fill=False, **args)

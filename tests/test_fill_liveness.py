@@ -10,8 +10,8 @@ fills spare space with copies of g (surplus), so that B may drop its own
 and take f in.  If fill waited while f is below its copies, nothing would
 ever move.
 
-The driver below plays each store's round the way the client does (needs,
-surplus, plan, drops, claims, reports) with the real L{Ledger} and
+The driver below plays each store's round the way the client does (needs
+and whether fill waits, surplus, plan, drops, claims, reports) with the real L{Ledger} and
 L{planner.plan} under a L{Clock}; it does not test the client itself.
 """
 
@@ -55,7 +55,7 @@ class TightClusterTests(SynchronousTestCase):
         held = [Held(SOURCE, n.path, n.size, n.copies, n.wanted) for n in surplus]
         p = plan(free=quota - self.used(store), quota=quota, needs=[(SOURCE, needs)],
                  cost=lambda source, path, size: size, now=self.clock.seconds(),
-                 keep_deleted={}, held=held)
+                 keep_deleted={}, held=held, hold_fill=ledger.fill_waits)
         if p.drops:
             gone = ledger.drop(store, [d.path for d in p.drops])
             self.files[store].difference_update(gone)

@@ -302,12 +302,15 @@ class ClaimTests(SynchronousTestCase):
         ledger.report("a:/1", [rec(b"f"), rec(b"g")])
         ledger.report("b:/1", [rec(b"g")])  # f is below its copies, g at them
         clock.advance(TTL - 1)
+        self.assertTrue(ledger.fill_waits)
         self.assertEqual(ledger.claim("c:/1", [b"g"], fill=True), [])
         clock.advance(1)
+        self.assertFalse(ledger.fill_waits)
         self.assertEqual(ledger.claim("c:/1", [b"g"], fill=True), [b"g"])
         ledger.release("c:/1", [b"g"])
         # Somebody fetching f: fill waits again, as long as the claim is renewed.
         self.assertEqual(ledger.claim("d:/1", [b"f"]), [b"f"])
+        self.assertTrue(ledger.fill_waits)
         self.assertEqual(ledger.claim("c:/1", [b"g"], fill=True), [])
         clock.advance(TTL - 1)
         self.assertEqual(ledger.claim("d:/1", [b"f"]), [b"f"])  # renewed
@@ -315,6 +318,9 @@ class ClaimTests(SynchronousTestCase):
         self.assertEqual(ledger.claim("c:/1", [b"g"], fill=True), [])
         clock.advance(1)
         self.assertEqual(ledger.claim("c:/1", [b"g"], fill=True), [b"g"])
+        # f gets its copies: nothing is below copies, nothing waits.
+        ledger.report("d:/1", [rec(b"f")])
+        self.assertFalse(ledger.fill_waits)
 
     def test_a_need_is_granted_only_while_below_copies(self):
         """A need others claimed meanwhile is refused, even once nothing is under."""

@@ -61,7 +61,7 @@ def scenarios(draw):
     free = draw(st.integers(-200, quota))
     return dict(free=free, quota=quota, needs=needs, held=held, orphans=orphans,
                 busy=busy, no_drop=no_drop, keep_deleted=keep, now=NOW,
-                cost=flat_cost(overhead))
+                cost=flat_cost(overhead), hold_fill=draw(st.booleans()))
 
 
 @st.composite
@@ -324,6 +324,17 @@ class ExampleTests(unittest.SynchronousTestCase):
         surplus = [Held("h1:/a", b"h", 200, 3, 2)]
         p = self.plan(free=500, quota=5_000, needs=[big], held=surplus)
         self.assertEqual((p.fetch, p.waiting), ([], [("h1:/a", b"big")]))
+
+    def test_no_fill_while_a_server_holds_it(self):
+        """A server whose files below copies are being fetched holds fill of every source."""
+        offered = [("h1:/a", [need(b"s", copies=3, wanted=2)]),
+                   ("h2:/b", [need(b"t", copies=2, wanted=2)])]
+        self.assertEqual(self.plan(needs=offered, hold_fill=True).fetch, [])
+        self.assertEqual(len(self.plan(needs=offered).fetch), 2)
+        # Needed files are fetched all the same, even one that nothing waits on.
+        offered[1][1].append(need(b"u", copies=1, wanted=2))
+        p = self.plan(needs=offered, hold_fill=True)
+        self.assertEqual([n.path for _, n in p.fetch], [b"u"])
 
     def test_fills_free_space_only(self):
         p = self.plan(free=250, needs=[("h1:/a", [need(b"x", 100), need(b"y", 200), need(b"z", 150)])])

@@ -96,6 +96,9 @@ class FakeLedger:
     def safemode(self) -> bool:
         return self._safemode
 
+    #: What L{fill_waits} answers; tests set it.
+    fill_waits = False
+
     def scan_started(self) -> None:
         self.calls.append(("scan_started",))
 
@@ -613,12 +616,15 @@ class CommandTests(SynchronousTestCase):
         self.assertTrue(answer["safemode"])
 
     def test_list_all_needs(self):
-        needs, safemode = self.h.ok(
+        needs, safemode, fill_waits = self.h.ok(
             S.list_all_needs(self.h.client, SOURCE, STORE, page=1)
         )
         self.assertEqual([n.path for n in needs], [r.path for r in FILES])
-        self.assertFalse(safemode)
-        needs, _ = self.h.ok(S.list_all_needs(self.h.client, SOURCE, STORE, limit=2))
+        self.assertEqual((safemode, fill_waits), (False, False))
+        self.h.ledger.fill_waits = True
+        _, _, fill_waits = self.h.ok(S.list_all_needs(self.h.client, SOURCE, STORE))
+        self.assertTrue(fill_waits)
+        needs, _, _ = self.h.ok(S.list_all_needs(self.h.client, SOURCE, STORE, limit=2))
         self.assertEqual(len(needs), 2)
 
     def test_list_needs_big_paths_fit(self):
@@ -628,7 +634,7 @@ class CommandTests(SynchronousTestCase):
         answer = self.h.call(P.ListNeeds, source=SOURCE, store=STORE, limit=100)
         self.assertLess(len(answer["needs"]), 100)
         self.assertLessEqual(len(P.encode_needs(answer["needs"])), P.PAGE_BUDGET)
-        needs, _ = self.h.ok(S.list_all_needs(self.h.client, SOURCE, STORE, page=100))
+        needs, _, _ = self.h.ok(S.list_all_needs(self.h.client, SOURCE, STORE, page=100))
         self.assertEqual([n.path for n in needs], [r.path for r in files])
 
     def test_list_needs_asks_the_ledger_once_a_page(self):
@@ -636,7 +642,7 @@ class CommandTests(SynchronousTestCase):
         files = [FileRecord(b"%04d" % i + b"n" * 60, i, i) for i in range(3000)]
         self.ledger.files = {r.path: r for r in files}
         self.ledger.calls.clear()
-        needs, _ = self.h.ok(S.list_all_needs(self.h.client, SOURCE, STORE, limit=3000))
+        needs, _, _ = self.h.ok(S.list_all_needs(self.h.client, SOURCE, STORE, limit=3000))
         self.assertEqual([n.path for n in needs], [r.path for r in files])
         asks = [c for c in self.ledger.calls if c[0] == "needs"]
         # 1,000 needs of 89 bytes do not fit one 60,000-byte page; each
@@ -822,7 +828,7 @@ class CommandTests(SynchronousTestCase):
         self.assertEqual(reported, records)
         grant = self.h.ok(S.claim(self.h.client, SOURCE, STORE_B, odd))
         self.assertEqual(list(grant.granted), odd)
-        needs, _ = self.h.ok(S.list_all_needs(self.h.client, SOURCE, STORE_B))
+        needs, _, _ = self.h.ok(S.list_all_needs(self.h.client, SOURCE, STORE_B))
         self.assertEqual(sorted(n.path for n in needs), sorted(odd))
 
 

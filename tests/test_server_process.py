@@ -108,7 +108,7 @@ class ServerProcessTests(TestCase):
 
         yield wait_for(scanned, what="the first scan")
         yield session.report_inventory(proto, self.source_id, self.store_id, [])
-        needs, safemode = yield session.list_all_needs(proto, self.source_id, self.store_id)
+        needs, safemode, _ = yield session.list_all_needs(proto, self.source_id, self.store_id)
         self.assertFalse(safemode)
         self.assertEqual({n.path for n in needs},
                          set(self.files) | {b"escape", b"escdir"})
