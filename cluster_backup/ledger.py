@@ -300,8 +300,14 @@ class Ledger:
                 if last is None or not self._live & bit:
                     continue
                 if now - last >= self._dead_after:
+                    # Its holdings stop counting, and so do its claims: a
+                    # store silent that long is fetching nothing (a client
+                    # renews its lease while it fetches), and its claims
+                    # would hide those files from every store until they
+                    # expired.
                     self._live &= ~bit
                     self.deaths[self._store_ids[s]] += 1
+                    self._drop_claims(s)
                     self._recount_store(bit)
                 else:
                     soonest = min(soonest, last + self._dead_after)
@@ -540,6 +546,11 @@ class Ledger:
             if inventory is not None:
                 inventory.current.discard(i)
             self._recount(i)
+
+    def _drop_claims(self, s: int) -> None:
+        """Forget every claim of store C{s}."""
+        for i in [i for i, claimers in self._claims.items() if s in claimers]:
+            self._unclaim(i, s, self._claims[i])
 
     def _unclaim(self, i: int, s: int, claims: dict[int, float]) -> None:
         del claims[s]
@@ -786,8 +797,7 @@ class Ledger:
         s = self._store(store)
         now = self._tick()
         self._renew(s, now)
-        for i in [i for i, claimers in self._claims.items() if s in claimers]:
-            self._unclaim(i, s, self._claims[i])
+        self._drop_claims(s)
         self._inventory[s] = _Inventory()
 
     def report(
@@ -1267,13 +1277,15 @@ class Ledger:
         copy.  A grant counts as a copy on its host for C{claim_ttl}
         seconds, so other stores do not fetch the same file meanwhile;
         claiming again renews it (whatever C{fill}).  A grant moves the
-        start of the store's next listing of needs.  Nothing in safemode.
+        start of the store's next listing of needs.  Nothing in safemode,
+        nothing to a dead store (it must report first), and a store's
+        claims end when it is declared dead.
         """
         s = self._store(store)
         now = self._tick()
         paths, ids = self._ids_of(paths)
-        if self._safe:
-            return []
+        if self._safe or not self._live >> s & 1:
+            return []  # a dead store reports (and so comes back) first
         mine = self._same_host[s]
         deadline = now + self._claim_ttl
         claims = self._claims

@@ -768,12 +768,40 @@ class SurplusTests(SynchronousTestCase):
         for store in ("b:/1", "c:/1", "d:/1"):
             ledger.report(store, [rec(b"f")])
         clock.advance(DEAD - 1)
-        ledger.report("b:/1")
-        ledger.report("c:/1")
+        for store in ("a:/1", "b:/1", "c:/1"):
+            ledger.report(store)
         self.assertEqual(ledger.claim("a:/1", [b"f"], fill=True), [b"f"])
         clock.advance(1)  # d dies; a's claim is still live
         self.assertEqual([n.copies for n in surplus_all(ledger, "b:/1")], [2])
         self.assertEqual([n.copies for n in needs_all(ledger, "a:/2")], [])
+
+    def test_a_dead_stores_claims_end(self):
+        """
+        A store declared dead fetches nothing: its claims stop counting at
+        once (not when they expire), so other stores take those files, and
+        it may claim again only once it reports.
+        """
+        clock = Clock()
+        ledger = Ledger(SOURCE, 1, clock, STORES, report_interval=10.0, dead_after=100.0,
+                        claim_ttl=TTL)
+        scan(ledger, [b"f"])
+        for store in STORES:
+            ledger.inventory_started(store)
+            ledger.inventory_finished(store)
+        self.assertEqual(ledger.claim("a:/1", [b"f"]), [b"f"])
+        self.assertEqual([n.copies for n in needs_all(ledger, "b:/1")], [1])
+        clock.advance(100)  # a dies, silent; its claim had 200 s left
+        for store in ("b:/1", "c:/1"):
+            ledger.report(store)
+        self.assertEqual([n.copies for n in needs_all(ledger, "b:/1")], [0])
+        claims = {s.store: s.claims for s in ledger.store_status()}
+        self.assertEqual(claims["a:/1"], 0)
+        self.assertEqual(ledger.claim("a:/1", [b"f"]), [])
+        self.assertEqual(ledger.claim("b:/1", [b"f"]), [b"f"])
+        ledger.report("a:/1")
+        self.assertEqual(ledger.claim("a:/1", [b"f"], fill=True), [])  # b fetches it
+        ledger.report("b:/1", [rec(b"f")])
+        self.assertEqual(ledger.claim("c:/1", [b"f"], fill=True), [b"f"])
 
     def test_claims_do_not_count(self):
         ledger, _ = make(copies=1, files=[b"f", b"g"])
@@ -1108,6 +1136,15 @@ class Model:
     def live(self, store):
         return store in self.last and self.now - self.last[store] < DEAD
 
+    def dead(self, store):
+        """Declared dead (a store that never reported is not)."""
+        return store in self.last and self.now - self.last[store] >= DEAD
+
+    def forget_dead_claims(self):
+        """A store's claims end when it is declared dead."""
+        for store, path in [k for k in self.claims if self.dead(k[0])]:
+            del self.claims[(store, path)]
+
     def holds(self, store, path):
         return path in self.current and self.truth[store].get(path) == self.current[path]
 
@@ -1237,7 +1274,7 @@ class ModelTests(SynchronousTestCase):
         under = any(len(model.hosts(p)) < COPIES for p in model.current)  # real copies
         # Fill waits for files below copies while somebody claims them.
         stuck = model.now - model.low_claimed >= TTL
-        expected = not model.safe and (
+        expected = not model.safe and not model.dead(store) and (
             renew
             or (not model.host_has(store, path)
                 and (model.with_claims(path) < COPIES
@@ -1284,6 +1321,7 @@ class ModelTests(SynchronousTestCase):
                 )
 
     def check(self, ledger, model):
+        model.forget_dead_claims()
         audit(self, ledger)
         status = ledger.status()
         histogram = Counter()

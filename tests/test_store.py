@@ -198,6 +198,8 @@ class UsageTests(unittest.SynchronousTestCase):
             sdir = store.source_dir(DATA.host, DATA.path)
             for n, rel in enumerate(rels[:5]):
                 write(sdir + b"/" + rel, 100 * n + 1)
+                # The same mtime in both stores, even across a second's turn.
+                os.utime(sdir + b"/" + rel, (1_700_000_000 + n, 1_700_000_000 + n))
             os.makedirs(sdir + b"/gone")  # rsync made the folder, then failed
         got = self.store.refresh_many(DATA.host, DATA.path, rels)
         each = {rel: twin.refresh(DATA.host, DATA.path, rel) for rel in rels}
