@@ -418,13 +418,12 @@ class Ledger:
     def _shift(self, ids: list[int], masks: Sequence[int], s: int, add: bool) -> None:
         """
         Apply a batch of holdings store C{s} gained (C{add}) or lost: files
-        C{ids}, none of them claimed, whose holder masks are C{masks}.
-        Files with one mask share their old and new tier (claims would make
+        C{ids} (each once), none of them claimed, whose holder masks are
+        C{masks}.  Files with one mask share their old and new tier (claims would make
         tiers differ), so tiers, tallies and low marks are worked out once
         per distinct mask, and per file only the arrays are written: a
         report of thousands of files pays no recount for each.
         """
-        ids, masks = _once(ids, masks)
         bit = 1 << s
         live, copies, tally = self._live, self.copies, self._tally
         hosts_in = self._hosts_in
@@ -474,14 +473,13 @@ class Ledger:
 
     def _take(self, ids: list[int], masks: Sequence[int], claimers: list[dict], s: int) -> None:
         """
-        Store C{s} finished fetches it claimed: the files C{ids} (holder
-        masks C{masks}, claims C{claimers}, each held by C{s}'s claim) gain
+        Store C{s} finished fetches it claimed: the files C{ids} (each once;
+        holder masks C{masks}, claims C{claimers}, each holding C{s}'s claim) gain
         C{s} as a holder and lose that claim.  C{s} is live (its report
         renewed it), so its host counts as a holder just as it did as a
         claimer: the files keep their tiers, and only low marks may change,
         worked out once per mask; per file only a few plain stores remain.
         """
-        ids, masks, claimers = _once(ids, masks, claimers)
         bit = 1 << s
         live, copies, hosts_in = self._live, self.copies, self._hosts_in
         new_of = {m: self._intern(m | bit) for m in set(masks)}
@@ -843,9 +841,11 @@ class Ledger:
             ids = list(map(self._ids.__getitem__, paths))
         except KeyError:
             return None
-        if len(set(ids)) != len(ids) or not self._stale.keys().isdisjoint(ids):
-            return None
-        return ids
+        return ids if self._apart(ids) else None
+
+    def _apart(self, ids: list[int]) -> bool:
+        """Whether no id repeats and none of those files has a stale version held."""
+        return len(set(ids)) == len(ids) and self._stale.keys().isdisjoint(ids)
 
     def _remove_bulk(self, s: int, removed: list[bytes], inventory: Optional[_Inventory]) -> bool:
         """
@@ -900,7 +900,7 @@ class Ledger:
                 if inventory is not None:
                     inventory.other.discard(i)
         if gone:
-            self._shift(gone, masks, s, add=False)
+            self._shift(*_once(gone, masks), s, add=False)
         self._forget_paths(s, removed)
 
     def _report_bulk(self, s: int, held: Records, inventory: Optional[_Inventory]) -> bool:
@@ -924,7 +924,7 @@ class Ledger:
         bit = 1 << s
         known = [m & bit for m in set(masks)]
         if not all(known):
-            if len(set(ids)) != len(ids) or not self._stale.keys().isdisjoint(ids):
+            if not self._apart(ids):
                 return False
             if any(known):  # some were held already: only the others are new
                 new = list(map(not_, map(bit.__and__, masks)))
@@ -996,12 +996,12 @@ class Ledger:
         mine_claims: list[dict[int, float]] = []
 
         def flush():
-            if free:
-                self._shift(free, free_masks, s, add=True)
+            if free:  # a path reported twice moves once
+                self._shift(*_once(free, free_masks), s, add=True)
                 free.clear()
                 free_masks.clear()
             if mine:
-                self._take(mine, mine_masks, mine_claims, s)
+                self._take(*_once(mine, mine_masks, mine_claims), s)
                 mine.clear()
                 mine_masks.clear()
                 mine_claims.clear()
