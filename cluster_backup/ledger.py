@@ -415,11 +415,12 @@ class Ledger:
             if m & bit:
                 self._recount(i)
 
-    def _shift(self, ids: list[int], masks: Sequence[int], s: int, add: bool) -> None:
+    def _shift(self, ids: list[int], masks: Sequence[int], s: int, add: bool,
+               sizes: Optional[Sequence[int]] = None) -> None:
         """
         Apply a batch of holdings store C{s} gained (C{add}) or lost: files
         C{ids} (each once), none of them claimed, whose holder masks are
-        C{masks}.  Files with one mask share their old and new tier (claims would make
+        C{masks} (and sizes C{sizes}, when the caller has gathered them).  Files with one mask share their old and new tier (claims would make
         tiers differ), so tiers, tallies and low marks are worked out once
         per distinct mask, and per file only the arrays are written: a
         report of thousands of files pays no recount for each.
@@ -429,7 +430,8 @@ class Ledger:
         hosts_in = self._hosts_in
         new_of = {m: self._intern(m | bit if add else m & ~bit) for m in set(masks)}
         _assign(self._holders, ids, masks, new_of)
-        sizes = _pick(self._size, ids)
+        if sizes is None:
+            sizes = _pick(self._size, ids)
         k, total = len(ids), sum(sizes)
         self._held_files[s] += k if add else -k
         self._held_bytes[s] += total if add else -total
@@ -471,10 +473,12 @@ class Ledger:
             _assign(self._low, ids, masks, low_of)
             self._lows += lows
 
-    def _take(self, ids: list[int], masks: Sequence[int], claimers: list[dict], s: int) -> None:
+    def _take(self, ids: list[int], masks: Sequence[int], claimers: list[dict], s: int,
+              sizes: Optional[Sequence[int]] = None) -> None:
         """
         Store C{s} finished fetches it claimed: the files C{ids} (each once;
-        holder masks C{masks}, claims C{claimers}, each holding C{s}'s claim) gain
+        holder masks C{masks}, claims C{claimers}, each holding C{s}'s claim;
+        sizes C{sizes}, when the caller has gathered them) gain
         C{s} as a holder and lose that claim.  C{s} is live (its report
         renewed it), so its host counts as a holder just as it did as a
         claimer: the files keep their tiers, and only low marks may change,
@@ -495,7 +499,7 @@ class Ledger:
                     del claims[i]
         k = len(ids)
         self._held_files[s] += k
-        self._held_bytes[s] += sum(_pick(self._size, ids))
+        self._held_bytes[s] += sum(_pick(self._size, ids) if sizes is None else sizes)
         self._claim_count[s] -= k
         # A file's low mark follows its holder mask (claims aside).
         low_of = {m: hosts_in(new & live) < copies for m, new in new_of.items()}
@@ -918,8 +922,8 @@ class Ledger:
         # Arrays compare with memcmp; only gathering the ledger's side is per
         # item.  Holder masks are interned, so a page has few distinct ones.
         masks = _pick(self._holders, ids)
-        if (array("q", _pick(self._size, ids)) != held.sizes
-                or array("q", _pick(self._mtime, ids)) != held.mtimes):
+        sizes = _pick(self._size, ids)  # kept: new holdings add up their bytes
+        if array("q", sizes) != held.sizes or array("q", _pick(self._mtime, ids)) != held.mtimes:
             return False
         bit = 1 << s
         known = [m & bit for m in set(masks)]
@@ -928,23 +932,25 @@ class Ledger:
                 return False
             if any(known):  # some were held already: only the others are new
                 new = list(map(not_, map(bit.__and__, masks)))
-                self._hold_new(s, list(compress(ids, new)), list(compress(masks, new)))
+                self._hold_new(s, list(compress(ids, new)), list(compress(masks, new)),
+                               list(compress(sizes, new)))
             else:
-                self._hold_new(s, ids, masks)
+                self._hold_new(s, ids, masks, sizes)
         if inventory is not None:
             inventory.current.update(ids)
         return True
 
-    def _hold_new(self, s: int, ids: Sequence[int], masks: Sequence[int]) -> None:
+    def _hold_new(self, s: int, ids: Sequence[int], masks: Sequence[int],
+                  sizes: Sequence[int]) -> None:
         """
         C{s} now holds the files C{ids} (each once, current, not held by
-        C{s} before, with holder masks C{masks}): unclaimed ones go to
+        C{s} before, with holder masks C{masks} and sizes C{sizes}): unclaimed ones go to
         L{_shift} and those C{s} claimed to L{_take}, in batches; files only
         other stores claimed change tiers one by one.
         """
         claims = self._claims
         if claims.keys().isdisjoint(ids):
-            self._shift(ids, masks, s, add=True)
+            self._shift(ids, masks, s, add=True, sizes=sizes)
         else:
             claimers = list(map(claims.get, ids))
             try:
@@ -952,15 +958,17 @@ class Ledger:
             except TypeError:  # None: a file nobody claims
                 mine_all = False
             if mine_all:
-                self._take(ids, masks, claimers, s)
+                self._take(ids, masks, claimers, s, sizes)
             else:
                 free, mine, theirs = [], [], []  # indexes into ids
                 for k, c in enumerate(claimers):
                     (free if c is None else mine if s in c else theirs).append(k)
                 if free:
-                    self._shift(_pick(ids, free), _pick(masks, free), s, add=True)
+                    self._shift(_pick(ids, free), _pick(masks, free), s, add=True,
+                                sizes=_pick(sizes, free))
                 if mine:
-                    self._take(_pick(ids, mine), _pick(masks, mine), _pick(claimers, mine), s)
+                    self._take(_pick(ids, mine), _pick(masks, mine), _pick(claimers, mine), s,
+                               _pick(sizes, mine))
                 for k in theirs:
                     self._hold(ids[k], s)
         tell_stale = self._tell_stale[s]
