@@ -2,13 +2,15 @@
 Ledger at scale: memory per file and the cost of the busiest AMP calls.
 
 Fills one source's L{Ledger} with N files (default 1,000,000) held by four
-stores on four hosts, then measures:
+stores on four hosts (each file at 2 copies, but a band of 0-copy files that
+ListNeeds lists and Claim grants), then measures:
 
   - bytes per file: memory the ledger holds (tracemalloc), divided by N;
-  - a ListNeeds page of 1,000, a 1,000-path Claim and a 10,000-record
-    Report (new holdings and renewals), each timed through the real AMP
-    codec (ServerProtocol over an in-memory iosim connection) and as a bare
-    ledger call.  Medians of several runs.
+  - a ListNeeds page of 1,000, a 1,000-path Claim (every path granted) and
+    a 10,000-record Report (renewals, fetched and new holdings, removals),
+    each timed through the real AMP codec (ServerProtocol over an in-memory
+    iosim connection), as the whole round trip and as the server's share of
+    it, and as a bare ledger call.  Medians of several runs.
 
 Run: C{.venv/bin/python benchmarks/bench_ledger.py [--files N] [--record]}.
 With C{--record} the figures are appended to C{benchmarks/RESULTS.md}.
@@ -48,6 +50,11 @@ def records(n: int, start: int = 0, mtime: int = 1_700_000_000):
         yield FileRecord(path_of(i), 1000 + i % 100_000, mtime)
 
 
+def band(n: int) -> range:
+    """Files no store holds (at 0 copies): what ListNeeds lists and Claim grants first."""
+    return range(n // 4, n // 4 + max(n // 20, min(10_000, n // 2)))
+
+
 def build(n: int, clock: Clock) -> Ledger:
     ledger = Ledger(SOURCE, 2, clock, STORES, report_interval=60.0)
     ledger.scan_started()
@@ -59,13 +66,18 @@ def build(n: int, clock: Clock) -> Ledger:
             batch = []
     ledger.scan_batch(batch)
     ledger.scan_finished(True)
-    # Four stores hold overlapping halves: some files at 0, 1, 2 copies.
+    # Four stores hold overlapping halves, so each file has 2 copies, except
+    # the band (0 copies), which no store reports: real needs to list and
+    # claims to grant.
+    nobody = band(n)
     for k, store in enumerate(STORES):
         ledger.inventory_started(store)
         lo = k * n // 4
         for start in range(lo, lo + n // 2, 10_000):
             count = min(10_000, lo + n // 2 - start)
-            ledger.report(store, records(count, start % n if start < n else start - n))
+            first = start % n
+            ledger.report(store, [r for r, i in zip(records(count, first), range(first, n))
+                                  if i not in nobody])
         ledger.inventory_finished(store)
     return ledger
 
@@ -97,7 +109,14 @@ def median_ms(fn, runs: int = 15, setup=None, teardown=None) -> float:
 
 
 class Wire:
-    """A logged-in AMP client talking to a ServerProtocol through iosim."""
+    """
+    A logged-in AMP client talking to a ServerProtocol through iosim.  It
+    also clocks the server's share of each call: the time spent in the
+    server protocol's C{dataReceived} (decoding, the ledger, encoding the
+    answer), which is what holds a real server's reactor; the rest of a
+    round trip is the client's paging and encoding, done on the store's
+    host.
+    """
 
     def __init__(self, ledger: Ledger, clock: Clock):
         self.ledger = ledger
@@ -107,6 +126,17 @@ class Wire:
                                              clock),
             amp.AMP, clock=clock)
         self.client = client
+        self.server_seconds = 0.0
+        received = server.dataReceived
+
+        def clocked(data: bytes) -> None:
+            started = time.perf_counter()
+            try:
+                received(data)
+            finally:
+                self.server_seconds += time.perf_counter() - started
+
+        server.dataReceived = clocked
         self.call(session.login(client, "h3", None))
 
     def call(self, d):
@@ -118,6 +148,25 @@ class Wire:
         if hasattr(results[0], "raiseException"):
             results[0].raiseException()
         return results[0]
+
+    def median_ms(self, call, runs: int, setup=None, teardown=None) -> tuple[float, float]:
+        """
+        Medians of the round trip and of the server's share, in
+        milliseconds, of C{self.call(call())}; C{setup()} and
+        C{teardown()} run untimed around it.
+        """
+        trips, shares = [], []
+        for _ in range(runs):
+            if setup is not None:
+                setup()
+            self.server_seconds = 0.0
+            t = time.perf_counter()
+            self.call(call())
+            trips.append((time.perf_counter() - t) * 1000)
+            shares.append(self.server_seconds * 1000)
+            if teardown is not None:
+                teardown()
+        return statistics.median(trips), statistics.median(shares)
 
 
 def main() -> None:
@@ -142,65 +191,74 @@ def main() -> None:
 
     store = "h3:/backup"
     wire = Wire(ledger, clock)
-    figures = {}
+    figures = {}  # name -> (round trip or bare call, server's share or None) in ms
     calibration = [calibration_ms()]
 
-    def list_needs():
-        return wire.call(wire.client.callRemote(
-            protocol.ListNeeds, source=SOURCE, store=store, cursor=None, limit=1000))
+    def on_wire(name, call, setup=None, teardown=None):
+        figures[f"{name} (AMP)"] = wire.median_ms(call, args.runs, setup, teardown)
 
-    list_needs()  # the server learns this connection's bytes per need
-    page = len(list_needs()["needs"])
-    figures[f"ListNeeds page, limit 1,000 ({page:,} fit in one value) (AMP)"] = median_ms(
-        list_needs, args.runs)
-    figures["needs() page of 1,000 (ledger)"] = median_ms(
-        lambda: ledger.needs(store, None, 1000), args.runs)
+    def bare(name, fn, setup=None, teardown=None):
+        figures[f"{name} (ledger)"] = (median_ms(fn, args.runs, setup, teardown), None)
+
+    def list_needs():
+        return wire.client.callRemote(
+            protocol.ListNeeds, source=SOURCE, store=store, cursor=None, limit=1000)
+
+    wire.call(list_needs())  # the server learns this connection's bytes per need
+    page = wire.call(list_needs())["needs"]
+    if not all(need.copies == 0 for need in page):
+        raise RuntimeError("the benchmark's needs page is not the band of 0-copy files")
+    on_wire(f"ListNeeds page, limit 1,000 ({len(page):,} fit in one value)", list_needs)
+    bare("needs() page of 1,000", lambda: ledger.needs(store, None, 1000))
 
     needs, _ = ledger.needs(store, None, 1000)
     paths = [need.path for need in needs]
 
-    def claim_wire():
-        wire.call(session.claim(wire.client, SOURCE, store, paths))
+    def release():
         ledger.release(store, paths)
+
+    def claim_wire():
+        return session.claim(wire.client, SOURCE, store, paths)
 
     def claim_bare():
-        ledger.claim(store, paths)
-        ledger.release(store, paths)
+        if len(ledger.claim(store, paths)) != len(paths):
+            raise RuntimeError("the benchmark's claim was not granted")
 
-    figures["Claim of 1,000 paths + release (AMP)"] = median_ms(claim_wire, args.runs)
-    figures["claim() of 1,000 + release() (ledger)"] = median_ms(claim_bare, args.runs)
+    # Every path is granted (each file is at 0 copies): a claim that is
+    # refused costs far less than one that is counted.
+    claim_bare()
+    release()
+    on_wire("Claim of 1,000 paths, all granted", claim_wire, None, release)
+    bare("claim() of 1,000, all granted", claim_bare, None, release)
 
-    # Store h3 holds [3n/4, 5n/4): files [0, n/4) are held again (an
-    # inventory's renewal); files [n/4, ...) that it lacks are new holdings:
-    # fetched ones (claimed first, as a client does) or unclaimed ones.  The
-    # claims before and the removal after each run are not timed.
+    # Store h3 holds [3n/4, 5n/4) but the band: files [0, n/4) are held
+    # again (an inventory's renewal); files of the band, at [n/4, ...), are
+    # new holdings: fetched ones (claimed first, as a client does) or
+    # unclaimed ones.  The claims before and the removal after each run are
+    # not timed.
     held = list(records(min(10_000, n // 4)))
     fresh = list(records(min(10_000, n // 4), n // 4))
     fresh_paths = [r.path for r in fresh]
 
     def claim_fresh():
-        if len(ledger.claim(store, fresh_paths, fill=True)) != len(fresh):
+        if len(ledger.claim(store, fresh_paths)) != len(fresh):
             raise RuntimeError("the benchmark's claim was not granted")
 
     def remove_fresh():
         ledger.report(store, (), fresh_paths)
 
-    figures["Report of 10,000 held records (AMP)"] = median_ms(
-        lambda: wire.call(session.report_delta(wire.client, SOURCE, store, held)),
-        args.runs)
-    figures["report() of 10,000 held records (ledger)"] = median_ms(
-        lambda: ledger.report(store, held), args.runs)
-    figures["Report of 10,000 fetched records, claimed before (AMP)"] = median_ms(
-        lambda: wire.call(session.report_delta(wire.client, SOURCE, store, fresh)),
-        args.runs, claim_fresh, remove_fresh)
-    figures["report() of 10,000 fetched records (ledger)"] = median_ms(
-        lambda: ledger.report(store, fresh), args.runs, claim_fresh, remove_fresh)
-    figures["Report of 10,000 new records, not claimed (AMP)"] = median_ms(
-        lambda: wire.call(session.report_delta(wire.client, SOURCE, store, fresh)),
-        args.runs, None, remove_fresh)
-    figures["Report of 10,000 removed paths (AMP)"] = median_ms(
-        lambda: wire.call(session.report_delta(wire.client, SOURCE, store, (), fresh_paths)),
-        args.runs, lambda: ledger.report(store, fresh))
+    def report(held=(), removed=()):
+        return lambda: session.report_delta(wire.client, SOURCE, store, held, removed)
+
+    on_wire("Report of 10,000 held records", report(held))
+    bare("report() of 10,000 held records", lambda: ledger.report(store, held))
+    on_wire("Report of 10,000 fetched records, claimed before", report(fresh),
+            claim_fresh, remove_fresh)
+    bare("report() of 10,000 fetched records", lambda: ledger.report(store, fresh),
+         claim_fresh, remove_fresh)
+    on_wire("Report of 10,000 new records, not claimed", report(fresh), None, remove_fresh)
+    on_wire("Report of 10,000 removed paths", report(removed=fresh_paths),
+            lambda: ledger.report(store, fresh))
 
     calibration.append(calibration_ms())
     lines = [
@@ -218,10 +276,20 @@ def main() -> None:
         f"| memory per file (tracemalloc) | {per_file:.0f} B | <= 300 B (issue 3), <= 200 B "
         f"(issue 7) ({'met' if per_file <= 200 else '**missed**'}) |",
     ]
-    for name, ms in figures.items():
-        verdict = "met" if ms < 5 else "**missed**"
-        lines.append(f"| {name} | {ms:.2f} ms median of {args.runs} | < 10 ms (issue 3), "
-                     f"< 5 ms (issue 7) ({verdict}) |")
+    for name, (ms, share) in figures.items():
+        shown = f"{ms:.2f} ms" if share is None else f"{ms:.2f} ms ({share:.2f} ms)"
+        worst = ms if share is None else share
+        lines.append(f"| {name} | {shown} median of {args.runs} | < 10 ms (issue 3): "
+                     f"{'met' if worst < 10 else '**missed**'}; < 5 ms (issue 7): "
+                     f"{'met' if ms < 5 else '**missed**'} |")
+    lines += [
+        "",
+        "An (AMP) figure is the whole round trip in one process (client paging and "
+        "encoding, the server, the answer), and in brackets the server's share of it: "
+        "the time in the server protocol's dataReceived, which is what holds a server's "
+        "reactor.  Issue 3's aim is judged on the server's share, issue 7's target on "
+        "the round trip.",
+    ]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.record:
