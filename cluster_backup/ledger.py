@@ -449,10 +449,10 @@ class Ledger:
                     self._recount(i)
             return
         _assign(self._count, ids, masks, tier_of)
-        files = Counter(masks)
-        if len(files) == 1:
-            nbytes = {masks[0]: total}
+        if len(new_of) == 1:  # one mask: no need to count them
+            files, nbytes = {masks[0]: k}, {masks[0]: total}
         else:
+            files = Counter(masks)
             nbytes = dict.fromkeys(moved, 0)
             for m, size in zip(masks, sizes):
                 if m in nbytes:
