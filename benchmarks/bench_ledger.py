@@ -155,18 +155,14 @@ class Wire:
         milliseconds, of C{self.call(call())}; C{setup()} and
         C{teardown()} run untimed around it.
         """
-        trips, shares = [], []
-        for _ in range(runs):
-            if setup is not None:
-                setup()
+        shares = []
+
+        def timed():
             self.server_seconds = 0.0
-            t = time.perf_counter()
             self.call(call())
-            trips.append((time.perf_counter() - t) * 1000)
             shares.append(self.server_seconds * 1000)
-            if teardown is not None:
-                teardown()
-        return statistics.median(trips), statistics.median(shares)
+
+        return median_ms(timed, runs, setup, teardown), statistics.median(shares)
 
 
 def main() -> None:

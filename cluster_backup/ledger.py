@@ -420,7 +420,8 @@ class Ledger:
         """
         Apply a batch of holdings store C{s} gained (C{add}) or lost: files
         C{ids} (each once), none of them claimed, whose holder masks are
-        C{masks} (and sizes C{sizes}, when the caller has gathered them).  Files with one mask share their old and new tier (claims would make
+        C{masks} (and sizes C{sizes}, when the caller has gathered them).
+        Files with one mask share their old and new tier (claims would make
         tiers differ), so tiers, tallies and low marks are worked out once
         per distinct mask, and per file only the arrays are written: a
         report of thousands of files pays no recount for each.
@@ -944,8 +945,8 @@ class Ledger:
                   sizes: Sequence[int]) -> None:
         """
         C{s} now holds the files C{ids} (each once, current, not held by
-        C{s} before, with holder masks C{masks} and sizes C{sizes}): unclaimed ones go to
-        L{_shift} and those C{s} claimed to L{_take}, in batches; files only
+        C{s} before, with holder masks C{masks} and sizes C{sizes}):
+        unclaimed ones go to L{_shift} and those C{s} claimed to L{_take}, in batches; files only
         other stores claimed change tiers one by one.
         """
         claims = self._claims
