@@ -40,9 +40,9 @@ from array import array
 from collections import Counter
 from hashlib import blake2b
 from heapq import heapify, heappop, heappush, merge
-from itertools import compress, repeat
+from itertools import compress
 from itertools import count as counter
-from operator import contains, itemgetter, not_
+from operator import itemgetter, not_
 from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 from .records import FileRecord, Needs, Records, ReportAnswer, SourceStatus, StoreStatus
@@ -214,7 +214,7 @@ class Ledger:
         self._tell_orphans: list[dict[bytes, None]] = [{} for _ in range(n)]
         self._inventory: list[Optional[_Inventory]] = [None] * n
         self._inventoried: set[int] = set()
-        self._claim_count = [0] * n
+        self._claimed: list[set[int]] = [set() for _ in range(n)]  # store -> files it claims
         #: store id -> how many times it was declared dead.
         self.deaths: dict[str, int] = dict.fromkeys(self._store_ids, 0)
 
@@ -240,8 +240,13 @@ class Ledger:
         self._ncopies: dict[int, int] = {0: 0}  # store mask -> distinct hosts
 
         # Claims: file id -> {store: deadline}; a heap of (deadline, seq,
-        # store, ids) with one entry per claim call, to expire them.
+        # store, ids) with one entry per claim call, to expire them.  Two
+        # indexes of them (kept with every change, checked by the tests'
+        # audit) let a report of fetched files finish their claims without
+        # a look at each: the files each store claims, and the files two or
+        # more stores claim (rare: claims go to files still needed).
         self._claims: dict[int, dict[int, float]] = {}
+        self._shared: set[int] = set()
         self._claim_heap: list[tuple[float, int, int, tuple[int, ...]]] = []
         self._claim_seq = counter()
 
@@ -474,12 +479,12 @@ class Ledger:
             _assign(self._low, ids, masks, low_of)
             self._lows += lows
 
-    def _take(self, ids: list[int], masks: Sequence[int], claimers: list[dict], s: int,
+    def _take(self, ids: list[int], masks: Sequence[int], s: int,
               sizes: Optional[Sequence[int]] = None) -> None:
         """
-        Store C{s} finished fetches it claimed: the files C{ids} (each once;
-        holder masks C{masks}, claims C{claimers}, each holding C{s}'s claim;
-        sizes C{sizes}, when the caller has gathered them) gain
+        Store C{s} finished fetches it claimed: the files C{ids} (each once
+        and claimed by C{s}; holder masks C{masks}; sizes C{sizes}, when the
+        caller has gathered them) gain
         C{s} as a holder and lose that claim.  C{s} is live (its report
         renewed it), so its host counts as a holder just as it did as a
         claimer: the files keep their tiers, and only low marks may change,
@@ -490,18 +495,22 @@ class Ledger:
         new_of = {m: self._intern(m | bit) for m in set(masks)}
         _assign(self._holders, ids, masks, new_of)
         claims = self._claims
-        if max(map(len, claimers)) == 1:  # the usual case: s alone claimed them
+        if self._shared.isdisjoint(ids):  # the usual case: s alone claimed them
             for i in ids:
                 del claims[i]
         else:
-            for i, claimers_i in zip(ids, claimers):
-                del claimers_i[s]
-                if not claimers_i:
+            shared = self._shared
+            for i in ids:
+                claimers = claims[i]
+                del claimers[s]
+                if not claimers:
                     del claims[i]
+                elif len(claimers) == 1:
+                    shared.discard(i)
+        self._claimed[s].difference_update(ids)
         k = len(ids)
         self._held_files[s] += k
         self._held_bytes[s] += sum(_pick(self._size, ids) if sizes is None else sizes)
-        self._claim_count[s] -= k
         # A file's low mark follows its holder mask (claims aside).
         low_of = {m: hosts_in(new & live) < copies for m, new in new_of.items()}
         if any(low_of[m] != (hosts_in(m & live) < copies) for m in new_of):
@@ -552,14 +561,16 @@ class Ledger:
 
     def _drop_claims(self, s: int) -> None:
         """Forget every claim of store C{s}."""
-        for i in [i for i, claimers in self._claims.items() if s in claimers]:
+        for i in sorted(self._claimed[s]):
             self._unclaim(i, s, self._claims[i])
 
     def _unclaim(self, i: int, s: int, claims: dict[int, float]) -> None:
         del claims[s]
         if not claims:
             del self._claims[i]
-        self._claim_count[s] -= 1
+        elif len(claims) == 1:
+            self._shared.discard(i)
+        self._claimed[s].remove(i)
         self._recount(i)
 
     def _place(self, i: int, s: int, version: tuple[int, int]) -> bool:
@@ -670,7 +681,8 @@ class Ledger:
         claims = self._claims.pop(i, None)
         if claims:
             for s in claims:
-                self._claim_count[s] -= 1
+                self._claimed[s].remove(i)
+            self._shared.discard(i)
         c = self._copies(i)
         t = self._tally[c]
         t[0] -= 1
@@ -950,28 +962,22 @@ class Ledger:
         other stores claimed change tiers one by one.
         """
         claims = self._claims
-        if claims.keys().isdisjoint(ids):
+        if not claims or claims.keys().isdisjoint(ids):
             self._shift(ids, masks, s, add=True, sizes=sizes)
+        elif self._claimed[s].issuperset(ids):
+            self._take(ids, masks, s, sizes)
         else:
             claimers = list(map(claims.get, ids))
-            try:
-                mine_all = all(map(contains, claimers, repeat(s)))
-            except TypeError:  # None: a file nobody claims
-                mine_all = False
-            if mine_all:
-                self._take(ids, masks, claimers, s, sizes)
-            else:
-                free, mine, theirs = [], [], []  # indexes into ids
-                for k, c in enumerate(claimers):
-                    (free if c is None else mine if s in c else theirs).append(k)
-                if free:
-                    self._shift(_pick(ids, free), _pick(masks, free), s, add=True,
-                                sizes=_pick(sizes, free))
-                if mine:
-                    self._take(_pick(ids, mine), _pick(masks, mine), _pick(claimers, mine), s,
-                               _pick(sizes, mine))
-                for k in theirs:
-                    self._hold(ids[k], s)
+            free, mine, theirs = [], [], []  # indexes into ids
+            for k, c in enumerate(claimers):
+                (free if c is None else mine if s in c else theirs).append(k)
+            if free:
+                self._shift(_pick(ids, free), _pick(masks, free), s, add=True,
+                            sizes=_pick(sizes, free))
+            if mine:
+                self._take(_pick(ids, mine), _pick(masks, mine), s, _pick(sizes, mine))
+            for k in theirs:
+                self._hold(ids[k], s)
         tell_stale = self._tell_stale[s]
         if tell_stale:
             paths = self._paths
@@ -1000,9 +1006,8 @@ class Ledger:
         current = inventory.current if inventory is not None else None
         free: list[int] = []  # unclaimed files s now holds, and their masks
         free_masks: list[int] = []
-        mine: list[int] = []  # files s claimed and now holds, masks, claims
+        mine: list[int] = []  # files s claimed and now holds, and their masks
         mine_masks: list[int] = []
-        mine_claims: list[dict[int, float]] = []
 
         def flush():
             if free:  # a path reported twice moves once
@@ -1010,10 +1015,9 @@ class Ledger:
                 free.clear()
                 free_masks.clear()
             if mine:
-                self._take(*_once(mine, mine_masks, mine_claims), s)
+                self._take(*_once(mine, mine_masks), s)
                 mine.clear()
                 mine_masks.clear()
-                mine_claims.clear()
 
         for path, size, mtime in zip(held.paths, held.sizes, held.mtimes):
             i = ids.get(path)
@@ -1051,7 +1055,6 @@ class Ledger:
             else:
                 mine.append(i)
                 mine_masks.append(m)
-                mine_claims.append(claimers)
         flush()
 
     def inventory_finished(self, store: str) -> ReportAnswer:
@@ -1301,6 +1304,7 @@ class Ledger:
         copies = self.copies
         low = self._low
         fill_waits = self._fill_waits(now)
+        claimed = self._claimed[s]
         granted: list[bytes] = []
         granted_ids: list[int] = []
         for path, i in zip(paths, ids):
@@ -1327,7 +1331,8 @@ class Ledger:
                 claims[i] = {s: deadline}
             else:
                 claimers[s] = deadline
-            self._claim_count[s] += 1
+                self._shared.add(i)
+            claimed.add(i)
             self._recount(i)
             granted.append(path)
             granted_ids.append(i)
@@ -1447,7 +1452,7 @@ class Ledger:
                     last_report_age=age,
                     quota=self._quota[s],
                     used=self._used[s],
-                    claims=self._claim_count[s],
+                    claims=len(self._claimed[s]),
                 )
             )
         return result

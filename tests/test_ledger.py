@@ -98,15 +98,12 @@ def audit(test, ledger):
     nbytes = Counter()
     held = Counter()
     held_bytes = Counter()
-    claimed = Counter()
     lows = 0
     for i, path in enumerate(ledger._paths):
         if path is None:
             continue
         mask = ledger._holders[i]
         claims = ledger._claims.get(i, {})
-        for s in claims:
-            claimed[s] += 1
         tier = ledger._hosts_in((mask & live) | sum(1 << s for s in claims))
         test.assertEqual(ledger._copies(i), tier, path)
         low = ledger._hosts_in(mask & live) < ledger.copies
@@ -121,8 +118,13 @@ def audit(test, ledger):
     test.assertEqual(ledger._lows, lows)
     test.assertEqual(ledger._tally, {n: [tiers[n], nbytes[n]] for n in tiers})
     for s in range(len(ledger._store_ids)):
-        test.assertEqual((ledger._held_files[s], ledger._held_bytes[s], ledger._claim_count[s]),
-                         (held[s], held_bytes[s], claimed[s]), ledger._store_ids[s])
+        test.assertEqual((ledger._held_files[s], ledger._held_bytes[s]),
+                         (held[s], held_bytes[s]), ledger._store_ids[s])
+        test.assertEqual(ledger._claimed[s],
+                         {i for i, claims in ledger._claims.items() if s in claims},
+                         ledger._store_ids[s])
+    test.assertEqual(ledger._shared, {i for i, claims in ledger._claims.items() if len(claims) > 1})
+    test.assertNotIn({}, list(ledger._claims.values()))
 
 
 class CountingTests(SynchronousTestCase):
