@@ -43,9 +43,10 @@ from heapq import heapify, heappop, heappush, merge
 from itertools import compress
 from itertools import count as counter
 from operator import itemgetter, not_
-from typing import Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
-from .records import FileRecord, Needs, Records, ReportAnswer, SourceStatus, StoreStatus
+from .records import (FileRecord, Needs, Records, ReportAnswer, SourceStatus, StoreStatus,
+                      bad_path)
 
 __all__ = ["Ledger", "LedgerError", "UnknownStore", "UnknownPath", "BadCursor"]
 
@@ -719,8 +720,14 @@ class Ledger:
         Files the running scan found (L{FileRecord}s or L{Records}).  New
         files appear at once and a new version makes existing copies stale
         at once; removals wait for L{scan_finished}.  A batch without
-        L{scan_started} starts a scan.
+        L{scan_started} starts a scan.  A path L{relpath_problem} refuses is
+        a C{ValueError} and changes nothing: L{report} trusts the paths the
+        ledger knows.
         """
+        columns = Records.of(records)
+        found = bad_path(columns.paths)
+        if found is not None:
+            raise ValueError(f"scan of {self.source} found bad path {found[0]!r}: {found[1]}")
         self._tick()
         if self._seen is None:
             self.scan_started()
@@ -728,7 +735,6 @@ class Ledger:
         ids = self._ids
         sizes = self._size
         mtimes = self._mtime
-        columns = Records.of(records)
         waiting = [
             s for s in range(len(self._store_ids)) if self._pending[s] or self._orphans[s]
         ]
@@ -822,6 +828,7 @@ class Ledger:
         removed: Iterable[bytes] = (),
         used: Optional[int] = None,
         quota: Optional[int] = None,
+        vet: Optional[Callable[[list[bytes]], object]] = None,
     ) -> ReportAnswer:
         """
         C{store} holds C{held} (L{FileRecord}s or L{Records}, at their
@@ -830,16 +837,32 @@ class Ledger:
         (plus any learned since its last answer, e.g. from a rescan).  Paths
         unknown before the first complete scan are kept aside and answered
         once that scan ends.
+
+        C{vet}, when given, is called with the paths of C{held}, then those
+        of C{removed}, whenever that list names a path the ledger does not
+        know, before the report changes anything; an exception it raises
+        ends the report.  A server that left a peer's paths unchecked checks
+        them there: a path the ledger knows came from a scan, which gives
+        only paths L{relpath_problem} accepts (L{scan_batch} makes sure), so
+        the usual report, of known files only, needs no check of its names.
         """
         s = self._store(store)
+        removed = removed if isinstance(removed, list) else list(removed)
+        held = Records.of(held)
+        held_ids = self._known(held.paths)
+        removed_ids = self._known(removed)
+        if vet is not None:
+            if held_ids is None:
+                vet(held.paths)
+            if removed_ids is None:
+                vet(removed)
         now = self._tick()
         self._renew(s, now)
         inventory = self._inventory[s]
-        removed = removed if isinstance(removed, list) else list(removed)
-        if removed and not self._remove_bulk(s, removed, inventory):
+        # Ids stay as they are until a scan adds or removes files.
+        if removed and not self._remove_bulk(s, removed, removed_ids, inventory):
             self._remove_each(s, removed, inventory)
-        held = Records.of(held)
-        if held.paths and not self._report_bulk(s, held, inventory):
+        if held.paths and not self._report_bulk(s, held, held_ids, inventory):
             self._report_each(s, held, inventory)
         if used is not None:
             self._used[s] = used
@@ -847,31 +870,32 @@ class Ledger:
             self._quota[s] = quota
         return self._answer(s)
 
-    def _ids_once(self, paths: list[bytes]) -> Optional[list[int]]:
-        """
-        The ids of C{paths} if the ledger knows each of them and none
-        repeats, and none of those files has a stale version held anywhere:
-        then every path changes only its own file, and a report can be
-        applied in batches, in any order.  Else None.
-        """
+    def _known(self, paths: list[bytes]) -> Optional[list[int]]:
+        """The ids of C{paths} if the ledger knows each of them, else None."""
         try:
-            ids = list(map(self._ids.__getitem__, paths))
+            return list(map(self._ids.__getitem__, paths))
         except KeyError:
             return None
-        return ids if self._apart(ids) else None
 
     def _apart(self, ids: list[int]) -> bool:
-        """Whether no id repeats and none of those files has a stale version held."""
-        return len(set(ids)) == len(ids) and self._stale.keys().isdisjoint(ids)
+        """
+        Whether no id repeats and none of those files has a stale version
+        held anywhere: then every path changes only its own file, and a
+        report can be applied in batches, in any order.
+        """
+        return len(set(ids)) == len(ids) and (not self._stale
+                                              or self._stale.keys().isdisjoint(ids))
 
-    def _remove_bulk(self, s: int, removed: list[bytes], inventory: Optional[_Inventory]) -> bool:
+    def _remove_bulk(self, s: int, removed: list[bytes], ids: Optional[list[int]],
+                     inventory: Optional[_Inventory]) -> bool:
         """
         The common removal (known paths, each once, unclaimed, no stale
-        version anywhere) applied in batches by L{_shift}; says True.  Else
-        changes nothing and says False.
+        version anywhere; C{ids} theirs, or None if one is unknown) applied
+        in batches by L{_shift}; says True.  Else changes nothing and says
+        False.
         """
-        ids = self._ids_once(removed)
-        if ids is None or not self._claims.keys().isdisjoint(ids):
+        if (ids is None or not self._apart(ids)
+                or (self._claims and not self._claims.keys().isdisjoint(ids))):
             return False
         masks = _pick(self._holders, ids)
         held = list(map((1 << s).__and__, masks))
@@ -920,17 +944,17 @@ class Ledger:
             self._shift(*_once(gone, masks), s, add=False)
         self._forget_paths(s, removed)
 
-    def _report_bulk(self, s: int, held: Records, inventory: Optional[_Inventory]) -> bool:
+    def _report_bulk(self, s: int, held: Records, ids: Optional[list[int]],
+                     inventory: Optional[_Inventory]) -> bool:
         """
         The common reports, at C speed: every record a file the ledger
-        knows, at its current version, each once, with no stale version
-        held anywhere.  An inventory's renewals change only the inventory's
-        marks; new holdings go to L{_hold_new}.  Says True; for any other
-        report it changes nothing and says False.
+        knows (C{ids} theirs; None if one is not), at its current version,
+        each once, with no stale version held anywhere.  An inventory's
+        renewals change only the inventory's marks; new holdings go to
+        L{_hold_new}.  Says True; for any other report it changes nothing
+        and says False.
         """
-        try:
-            ids = list(map(self._ids.__getitem__, held.paths))
-        except KeyError:
+        if ids is None:
             return False
         # Arrays compare with memcmp; only gathering the ledger's side is per
         # item.  Holder masks are interned, so a page has few distinct ones.

@@ -16,7 +16,7 @@ up to L{MAX_CHUNKS} pages of each of its lists, as L{Chunks}: a round trip
 per page made inventories of millions of files slow), and paths travel as
 bytes in a compact columnar encoding (L{PathList}, L{RecordList},
 L{NeedList}) whose paths are checked as L{relpath_problem} does, on the way
-in and out.
+in and out (a L{Report}'s, on the way in, by the ledger it goes to).
 
 This module holds only what both ends must agree on: errors, limits,
 argument encodings, the L{amp.Command}s and L{auth_mac}.  The server side
@@ -32,17 +32,15 @@ import struct
 import sys
 from array import array
 from bisect import bisect_right
+from functools import partial
 from hashlib import sha256
 from itertools import accumulate
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, NoReturn, Optional, Sequence
 
 from attrs import field, frozen
 from twisted.protocols import amp
 
-from .records import FileRecord, Need, Needs, Records, relpath_problem
-
-#: Linux PATH_MAX: the longest relative path L{relpath_problem} accepts.
-MAX_PATH = 4096
+from .records import MAX_PATH, FileRecord, Need, Needs, Records, bad_path, relpath_problem
 
 #: Version of this conversation, sent in L{Hello}.
 PROTOCOL_VERSION = 1
@@ -169,68 +167,36 @@ assert array("q").itemsize == 8 and array("I").itemsize == 4
 _PATH_FIXED, _RECORD_FIXED, _NEED_FIXED = 0, 16, 24
 
 
+def _refuse(path, problem: str) -> NoReturn:
+    shown = path[:200] if isinstance(path, bytes) else path
+    raise BadPath(f"bad path {shown!r}: {problem}")
+
+
 def _checked(path: bytes) -> bytes:
     problem = relpath_problem(path)
     if problem is not None:
-        shown = path[:200] if isinstance(path, bytes) else path
-        raise BadPath(f"bad path {shown!r}: {problem}")
+        _refuse(path, problem)
     return path
 
 
-#: A path longer than MAX_PATH covers a whole block of this many bytes,
-#: aligned to it, of the joined paths.
-_BLOCK = (MAX_PATH + 1) // 2
-
-
-def _may_be_too_long(paths: Sequence[bytes], joined: bytes) -> bool:
-    """
-    Whether one of C{paths} (C{joined}, each followed by a NUL) may be over
-    L{MAX_PATH}.  Such a path covers a whole aligned block of L{_BLOCK}
-    bytes, so a page whose every block holds a NUL (a C{memchr} each, a few
-    dozen a page) is clear; only another page measures its paths.
-    """
-    if all(joined.find(b"\0", k, k + _BLOCK) >= 0
-           for k in range(0, len(joined) - _BLOCK + 1, _BLOCK)):
-        return False
-    return max(map(len, paths)) > MAX_PATH
-
-
-def _check_joined(paths: Sequence[bytes], joined: bytes) -> None:
+def check_paths(paths: Sequence[bytes], joined: Optional[bytes] = None) -> None:
     """
     Raise L{BadPath} for the first of C{paths} that L{relpath_problem}
-    refuses.  C{joined} is the paths, each followed by a NUL, and holds no
-    other NUL.  Every refused path either is too long or, with the NULs read
-    as slashes, puts C{//}, C{/./} or C{/../} into C{"/" + joined}; a page
-    with neither is clear at C speed, and only a suspect one is checked path
-    by path.
+    refuses (at C speed for a page of good ones: see L{bad_path}, which
+    also says what C{joined} is).
     """
-    if not paths:
-        return
-    slashed = b"/" + joined.replace(b"\0", b"/")
-    # No "/." at all (the usual page) rules out "/./" and "/../" in one scan.
-    if (b"//" in slashed or (b"/." in slashed and (b"/./" in slashed or b"/../" in slashed))
-            or _may_be_too_long(paths, joined)):
-        for path in paths:
-            _checked(path)
+    found = bad_path(paths, joined)
+    if found is not None:
+        _refuse(*found)
 
 
 def _join(paths: Sequence[bytes], check: bool = True) -> bytes:
     """The paths, each followed by a NUL, after checking them (if C{check})."""
     if not paths:
         return b""
-    if not check:
-        return b"\0".join(paths) + b"\0"
-    try:
-        joined = b"\0".join(paths) + b"\0"
-    except TypeError:  # a str, say: name it
-        for path in paths:
-            _checked(path)
-        raise
-    if joined.count(b"\0") != len(paths):
-        for path in paths:
-            _checked(path)  # the one holding a NUL
-    _check_joined(paths, joined)
-    return joined
+    if check:
+        check_paths(paths)
+    return b"\0".join(paths) + b"\0"
 
 
 def _encode(paths: Sequence[bytes], numbers: Sequence[array], check: bool = True) -> bytes:
@@ -246,8 +212,12 @@ def _encode(paths: Sequence[bytes], numbers: Sequence[array], check: bool = True
     return b"".join(parts)
 
 
-def _decode(data: bytes, codes: str, what: str) -> tuple[list[bytes], list[array]]:
-    """Split C{data} into its paths and number columns, checking both."""
+def _decode(data: bytes, codes: str, what: str,
+            check: bool = True) -> tuple[list[bytes], list[array]]:
+    """
+    Split C{data} into its paths and number columns, checking both (the
+    paths' names only if C{check}: see L{PathList}).
+    """
     if not data:
         return [], [array(code) for code in codes]
     if len(data) < LIST_HEADER:
@@ -274,7 +244,8 @@ def _decode(data: bytes, codes: str, what: str) -> tuple[list[bytes], list[array
     paths = rest[:-1].split(b"\0")
     if len(paths) != count:
         raise BadArgument(f"{what} list of {count} items holds {len(paths)} paths")
-    _check_joined(paths, rest)
+    if check:
+        check_paths(paths, rest)
     return paths, numbers
 
 
@@ -334,14 +305,20 @@ def encode_needs(needs: Iterable[Need]) -> bytes:
                    (columns.sizes, columns.mtimes, columns.copies, columns.wanted))
 
 
-def decode_paths(data: bytes) -> list[bytes]:
-    """Inverse of L{encode_paths}; raises L{BadPath} or L{BadArgument}."""
-    return _decode(data, "", "path")[0]
+def decode_paths(data: bytes, check: bool = True) -> list[bytes]:
+    """
+    Inverse of L{encode_paths}; raises L{BadPath} (only if C{check}) or
+    L{BadArgument}.
+    """
+    return _decode(data, "", "path", check)[0]
 
 
-def decode_records(data: bytes) -> Records:
-    """Inverse of L{encode_records}; raises L{BadPath} or L{BadArgument}."""
-    paths, (sizes, mtimes) = _decode(data, "qq", "record")
+def decode_records(data: bytes, check: bool = True) -> Records:
+    """
+    Inverse of L{encode_records}; raises L{BadPath} (only if C{check}) or
+    L{BadArgument}.
+    """
+    paths, (sizes, mtimes) = _decode(data, "qq", "record", check)
     _no_negative(sizes, "record size")
     return Records(paths, sizes, mtimes)
 
@@ -414,18 +391,27 @@ class _Encoded(amp.Argument):
 
 
 class PathList(_Encoded):
-    """An AMP argument holding a list of relative paths (bytes)."""
+    """
+    An AMP argument holding a list of relative paths (bytes).  With
+    C{checked} false, the receiver's decoding checks the list's form but not
+    the paths' names: its responder checks them (L{check_paths}), or has
+    them checked, before they change anything.
+    """
 
-    def __init__(self, optional=False, chunked=False):
-        super().__init__(encode_paths, decode_paths, optional, chunked,
+    def __init__(self, optional=False, chunked=False, checked=True):
+        super().__init__(encode_paths, partial(decode_paths, check=checked), optional, chunked,
                          lambda pages: [p for page in pages for p in page])
 
 
 class RecordList(_Encoded):
-    """An AMP argument holding L{FileRecord}s; decoded as L{Records}."""
+    """
+    An AMP argument holding L{FileRecord}s; decoded as L{Records}.
+    C{checked} is as for L{PathList}.
+    """
 
-    def __init__(self, optional=False, chunked=False):
-        super().__init__(encode_records, decode_records, optional, chunked, Records.join)
+    def __init__(self, optional=False, chunked=False, checked=True):
+        super().__init__(encode_records, partial(decode_records, check=checked), optional,
+                         chunked, Records.join)
 
 
 class NeedList(_Encoded):
@@ -551,8 +537,10 @@ class Report(_Command):
     arguments = [
         (b"source", amp.Unicode()),
         (b"store", amp.Unicode()),
-        (b"files", RecordList(chunked=True)),
-        (b"removed", PathList(chunked=True)),
+        # Checked by the ledger's report (see Ledger.report's vet): a path
+        # it knows came from a scan, so only the others need a look.
+        (b"files", RecordList(chunked=True, checked=False)),
+        (b"removed", PathList(chunked=True, checked=False)),
         (b"inventory", amp.Unicode()),
         (b"used", amp.Integer(optional=True)),
         (b"quota", amp.Integer(optional=True)),

@@ -10,9 +10,13 @@ UTF-8, and a store must reproduce them exactly.
 from __future__ import annotations
 
 from array import array
-from typing import Iterable, Iterator, Optional, Protocol, Sequence, Union
+from typing import Callable, Iterable, Iterator, Optional, Protocol, Sequence, Union
 
 from attrs import field, frozen
+
+
+#: Linux PATH_MAX: the longest relative path L{relpath_problem} accepts.
+MAX_PATH = 4096
 
 
 def _check_relpath(instance, attribute, value: bytes) -> None:
@@ -34,8 +38,8 @@ def relpath_problem(path: bytes) -> Optional[str]:
         return "not bytes"
     if not path:
         return "empty"
-    if len(path) > 4096:
-        return "longer than 4096 bytes"
+    if len(path) > MAX_PATH:
+        return f"longer than {MAX_PATH} bytes"
     if b"\0" in path:
         return "contains NUL"
     if path.startswith(b"/"):
@@ -43,6 +47,60 @@ def relpath_problem(path: bytes) -> Optional[str]:
     for part in path.split(b"/"):
         if part in (b"", b".", b".."):
             return "has an empty, '.' or '..' component"
+    return None
+
+
+#: A path longer than MAX_PATH covers a whole block of this many bytes,
+#: aligned to it, of the joined paths.
+_BLOCK = (MAX_PATH + 1) // 2
+
+
+def _may_be_too_long(paths: Sequence[bytes], joined: bytes) -> bool:
+    """
+    Whether one of C{paths} (C{joined}, each followed by a NUL) may be over
+    L{MAX_PATH}.  Such a path covers a whole aligned block of L{_BLOCK}
+    bytes, so a page whose every block holds a NUL (a C{memchr} each, a few
+    dozen a page) is clear; only another page measures its paths.
+    """
+    if all(joined.find(b"\0", k, k + _BLOCK) >= 0
+           for k in range(0, len(joined) - _BLOCK + 1, _BLOCK)):
+        return False
+    return max(map(len, paths)) > MAX_PATH
+
+
+def bad_path(paths: Sequence[bytes], joined: Optional[bytes] = None) -> Optional[tuple[object, str]]:
+    """
+    The first of C{paths} that L{relpath_problem} refuses, with what it
+    says, or C{None} when it accepts them all.  C{joined}, when the caller
+    has it, is the paths, each followed by a NUL, holding no other NUL.
+
+    Every refused path either is too long, holds a NUL or, with the NULs
+    read as slashes, puts C{//}, C{/./} or C{/../} into C{"/" + joined}; a
+    page with none of those is clear at C speed (a few substring searches),
+    and only a suspect one is checked path by path.
+    """
+    if not paths:
+        return None
+    if joined is None:
+        try:
+            joined = b"\0".join(paths) + b"\0"
+        except TypeError:  # a str, say
+            return _first_refused(paths)
+        if joined.count(b"\0") != len(paths):
+            return _first_refused(paths)  # one holds a NUL
+    slashed = b"/" + joined.replace(b"\0", b"/")
+    # No "/." at all (the usual page) rules out "/./" and "/../" in one scan.
+    if (b"//" in slashed or (b"/." in slashed and (b"/./" in slashed or b"/../" in slashed))
+            or _may_be_too_long(paths, joined)):
+        return _first_refused(paths)
+    return None
+
+
+def _first_refused(paths: Iterable) -> Optional[tuple[object, str]]:
+    for path in paths:
+        problem = relpath_problem(path)
+        if problem is not None:
+            return path, problem
     return None
 
 
@@ -316,7 +374,15 @@ class LedgerAPI(Protocol):
         removed: Iterable[bytes] = (),
         used: Optional[int] = None,
         quota: Optional[int] = None,
-    ) -> ReportAnswer: ...
+        vet: Optional[Callable[[list[bytes]], object]] = None,
+    ) -> ReportAnswer:
+        """
+        Apply a store's report.  C{vet}, when given, is called with each of
+        C{held}'s paths and C{removed} that names a path the ledger does not
+        know (a ledger may call it with any), before the report changes
+        anything: the server leaves a report's paths unchecked until then.
+        """
+        ...
 
     def inventory_finished(self, store: str) -> ReportAnswer: ...
 

@@ -57,6 +57,7 @@ from .protocol import (
     UnknownStore,
     UnsupportedVersion,
     auth_mac,
+    check_paths,
     need_size,
     needs_fitting,
     path_size,
@@ -360,8 +361,13 @@ class ServerProtocol(amp.AMP):
         answers = []
         with _ledger_errors():
             if inventory.startswith("start"):
+                # It changes the ledger: every path must pass first.
+                check_paths(files.paths)
+                check_paths(removed)
                 ledger.inventory_started(store)
-            answers.append(ledger.report(store, files, removed, used, quota))
+            # The ledger has the names it does not know checked (a path it
+            # knows came from a scan), before it changes anything.
+            answers.append(ledger.report(store, files, removed, used, quota, vet=check_paths))
             if inventory.endswith("end"):
                 answers.append(ledger.inventory_finished(store))
         stale, orphans = self._unanswered.setdefault((source, store), (deque(), deque()))

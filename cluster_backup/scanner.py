@@ -41,16 +41,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 
-from .records import Records
+from .records import MAX_PATH, Records
 
 Path = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
 
 #: How many unreadable paths a L{ScanResult} lists (all are counted).
 MAX_LISTED = 20
-
-
-#: Linux PATH_MAX: longer relative paths cannot be stored or sent.
-MAX_PATH = 4096
 
 #: Directories whose C{st_size} is at most this many bytes (about 8,000
 #: names on ext4) are listed at once by C{os.listdir}, the fastest way;

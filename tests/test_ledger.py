@@ -20,7 +20,7 @@ from cluster_backup.ledger import (
     UnknownPath,
     UnknownStore,
 )
-from cluster_backup.records import FileRecord, ReportAnswer, rank
+from cluster_backup.records import FileRecord, ReportAnswer, bad_path, rank
 
 SOURCE = "src:/data"
 # Two stores on host "a", one on each of "b", "c" and "d".
@@ -1074,6 +1074,52 @@ class RefusalTests(SynchronousTestCase):
         self.assertEqual(snapshot(self.ledger), before)
         self.assertEqual(self.ledger.drop("b:/1", [b"f"]), [b"f"])
 
+
+    def test_scan_of_a_bad_path(self):
+        """A scan never adds a path relpath_problem refuses: reports trust known paths."""
+        before = snapshot(self.ledger)
+        for bad in (b"../x", b"a//b", b"/etc/passwd", b"x" * 4097):
+            e = self.assertRaises(ValueError, self.ledger.scan_batch,
+                                  [rec(b"new"), FileRecord.unchecked(bad, 1, 1)])
+            self.assertIn(repr(bad[:50])[:-1], str(e))
+            self.assertFalse(self.ledger.knows(b"new"))
+        self.assertEqual(snapshot(self.ledger), before)
+
+    def test_report_vets_unknown_paths_first(self):
+        """
+        C{vet} sees a report's held paths, then its removed ones, when the
+        list names a path the ledger does not know, before anything
+        changes; a report of known paths needs no look.
+        """
+        seen = []
+
+        def vet(paths):
+            seen.append(list(paths))
+            found = bad_path(paths)
+            if found is not None:
+                raise ValueError(found)
+
+        self.ledger.report("b:/1", [rec(b"f"), rec(b"g")], [b"f"], vet=vet)
+        self.assertEqual(seen, [])
+        self.clock.advance(5)
+        before = snapshot(self.ledger)
+        for bad in (b"../x", b"a//b", b"/etc/passwd", b"a/./b", b"x" * 4097):
+            held = [rec(b"g"), FileRecord.unchecked(bad, 1, 1)]
+            del seen[:]
+            self.assertRaises(ValueError, self.ledger.report, "c:/1", held, vet=vet)
+            self.assertEqual(seen, [[b"g", bad]])
+            del seen[:]
+            self.assertRaises(ValueError, self.ledger.report, "c:/1", [rec(b"g")],
+                              [b"f", bad], vet=vet)
+            self.assertEqual(seen, [[b"f", bad]])
+        # Nothing changed: no lease renewed (report ages stay 5 s), no orphan kept.
+        self.assertEqual(snapshot(self.ledger), before)
+        self.assertEqual(self.ledger.report("c:/1", [], [b"gone"]).orphans, [])
+        # A good unknown name passes the vet and is an orphan (the scan is complete).
+        del seen[:]
+        answer = self.ledger.report("c:/1", [rec(b"g"), rec(b"unknown")], vet=vet)
+        self.assertEqual(seen, [[b"g", b"unknown"]])
+        self.assertEqual(answer.orphans, [b"unknown"])
 
 # -- a model of the ledger, checked against every sequence of operations ------
 

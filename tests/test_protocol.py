@@ -112,8 +112,12 @@ class FakeLedger:
         self.calls.append(("inventory_started", store))
         self.held[store] = {}
 
-    def report(self, store, held=(), removed=(), used=None, quota=None) -> ReportAnswer:
+    def report(self, store, held=(), removed=(), used=None, quota=None,
+               vet=None) -> ReportAnswer:
         held, removed = list(held), list(removed)
+        if vet is not None:  # it may vet every path: it did not scan them
+            vet([r.path for r in held])
+            vet(removed)
         self.calls.append(("report", store, held, removed, used, quota))
         if self.raise_on_report is not None:
             raise self.raise_on_report
@@ -1201,6 +1205,65 @@ class RealLedgerSurplusTests(SynchronousTestCase):
         self.assertEqual((self.real.status(), self.real.store_status()), before)
         self.assertFalse(self.h.server_io.disconnecting)
 
+
+class RealLedgerPathTests(SynchronousTestCase):
+    """
+    Bad names in a Report against a real L{Ledger}: the Report's lists are
+    decoded unchecked and the ledger has the names it does not know
+    checked, so this shows each list of each kind of report is refused
+    with the ledger unchanged, whether the scan is complete (a bad name
+    would be an orphan) or not (it would be kept aside).
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+
+    def start(self, complete: bool) -> None:
+        self.real = Ledger(SOURCE, 1, self.clock, REAL_STORES)
+        self.real.scan_started()
+        self.real.scan_batch(FILES)
+        if complete:
+            self.real.scan_finished(True)
+        self.h = Harness(self, ledgers={SOURCE: self.real})
+        self.h.login()
+        self.h.ok(S.report_inventory(self.h.client, SOURCE, STORE, FILES[:1]))
+        self.clock.advance(7)
+
+    def state(self):
+        return (self.real.status(), self.real.store_status(),
+                self.real.needs(STORE_B, None, 100))
+
+    def report(self, files=(), removed=(), inventory=""):
+        return self.h.client.callRemote(
+            RawReport, source=SOURCE, store=STORE, files=raw_records(*files),
+            removed=raw_paths(*removed), inventory=inventory)
+
+    def test_bad_names_in_every_list_and_kind_of_report(self):
+        refused = 0
+        for complete in (True, False):
+            self.start(complete)
+            before = self.state()
+            for bad in BAD_PATHS:
+                for inventory in ("", "start", "start+end"):
+                    for files, removed in (([b"a.txt", bad], []), ([b"a.txt"], [b"a.txt", bad])):
+                        d = self.report(files, removed, inventory)
+                        f = self.h.refused(d, P.BadArgument)
+                        RefusalTests.check_refusal(self, f, bad)
+                        refused += 1
+                        # Nothing changed: no lease renewed, no inventory begun.
+                        self.assertEqual(self.state(), before, (complete, bad, inventory))
+            # No bad name was kept as an orphan or aside for the scan's end.
+            if not complete:
+                self.real.scan_finished(True)
+            answer = self.h.ok(S.report_delta(self.h.client, SOURCE, STORE, FILES[:1], []))
+            self.assertEqual((list(answer.stale), list(answer.orphans)), ([], []))
+        self.assertEqual(refused, 2 * len(BAD_PATHS) * 6)
+
+    def test_odd_unknown_names_pass(self):
+        self.start(True)
+        answer = self.h.ok(S.report_delta(self.h.client, SOURCE, STORE,
+                                          [FileRecord(b"caf\xe9/new\nline", 1, 1)], []))
+        self.assertEqual(list(answer.orphans), [b"caf\xe9/new\nline"])
 
 # ---------------------------------------------------------------- encodings
 

@@ -3,7 +3,7 @@
 from hypothesis import given, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from cluster_backup.records import FileRecord, rank, relpath_problem
+from cluster_backup.records import MAX_PATH, FileRecord, bad_path, rank, relpath_problem
 
 
 def reference_ok(path: bytes) -> bool:
@@ -24,6 +24,20 @@ class RelpathTests(SynchronousTestCase):
         self.assertIsNone(relpath_problem(b"x" * 4096))
         self.assertEqual(relpath_problem(b"x" * 4097), "longer than 4096 bytes")
         self.assertEqual(relpath_problem("text"), "not bytes")
+
+    @given(st.lists(st.lists(_pieces, max_size=6).map(b"".join)
+                    | st.integers(MAX_PATH - 2, MAX_PATH + 2).map(lambda n: b"L" * n),
+                    max_size=8))
+    def test_bad_path_names_the_first_refused(self, paths):
+        """The page-wide check finds what relpath_problem, path by path, finds first."""
+        first = next(((p, relpath_problem(p)) for p in paths if relpath_problem(p)), None)
+        self.assertEqual(bad_path(paths), first)
+
+    def test_bad_path_of_odd_items(self):
+        self.assertEqual(bad_path([b"a", "text"]), ("text", "not bytes"))
+        self.assertEqual(bad_path([b"a", b"b\0c"]), (b"b\0c", "contains NUL"))
+        self.assertIsNone(bad_path([]))
+        self.assertIsNone(bad_path([b"a", b"x" * MAX_PATH]))
 
     def test_record_validates_but_unchecked_does_not(self):
         self.assertRaises(ValueError, FileRecord, b"../x", 1, 1)
