@@ -18,6 +18,7 @@ from typing import Optional, Sequence, TextIO
 
 from cluster_backup import checks
 from cluster_backup.config import Cluster, ConfigError, load
+from cluster_backup.config_write import format_fraction
 from cluster_backup.identity import identify_or_none
 from cluster_backup.units import format_duration, human_size
 
@@ -51,6 +52,7 @@ def describe(cluster: Cluster, host: Optional[str], host_note: Optional[str] = N
             "report_interval": o.report_interval,
             "dead_after": o.dead_after,
             "transport": o.transport,
+            "max_change": o.max_change,
         },
         "sources": [
             {
@@ -60,6 +62,7 @@ def describe(cluster: Cluster, host: Optional[str], host_note: Optional[str] = N
                 "rescan": s.rescan if s.rescan is not None else o.rescan,
                 "exclude": list(s.exclude),
                 "keep_deleted": s.keep_deleted,
+                "max_change": s.max_change if s.max_change is not None else o.max_change,
                 "address": cluster.address_of(s.host),
                 "backed_up_by": [st.id for st in cluster.stores_for(s)],
             }
@@ -93,13 +96,15 @@ def print_text(info: dict, out: TextIO) -> None:
           f"TRANSPORT {o['transport']}, SECRET {secret}, BWLIMIT {bw}, "
           f"RESCAN {format_duration(o['rescan'])}, "
           f"REPORT INTERVAL {format_duration(o['report_interval'])}, "
-          f"DEAD AFTER {format_duration(o['dead_after'])}", file=out)
+          f"DEAD AFTER {format_duration(o['dead_after'])}, "
+          f"MAX CHANGE {format_fraction(o['max_change'])}", file=out)
     print(f"sources ({len(info['sources'])}):", file=out)
     for s in info["sources"]:
         extra = f", exclude {', '.join(s['exclude'])}" if s["exclude"] else ""
         print(f"  {s['host']}:{s['path']}  copies {s['copies']}, "
               f"rescan {format_duration(s['rescan'])}, "
               f"keep deleted {format_duration(s['keep_deleted'])}, "
+              f"max change {format_fraction(s['max_change'])}, "
               f"{len(s['backed_up_by'])} backup(s){extra}", file=out)
     print(f"backups ({len(info['stores'])}):", file=out)
     for s in info["stores"]:
@@ -146,7 +151,7 @@ def cmd_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 #: Modules providing more subcommands: C{register(subparsers)} adds a parser
 #: whose C{func(args, out, err) -> exit code} runs it.
-COMMANDS = ("status", "restore", "demo")
+COMMANDS = ("status", "accept", "restore", "demo")
 
 
 def parser() -> argparse.ArgumentParser:

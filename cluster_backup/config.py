@@ -18,6 +18,7 @@ from typing import Callable, Optional
 from attrs import Factory, field, frozen
 
 from cluster_backup import config_formats as formats
+from cluster_backup.held import DEFAULT_MAX_CHANGE, parse_max_change
 from cluster_backup.units import parse_duration, parse_size
 
 DEFAULT_PORT = 5005
@@ -57,6 +58,7 @@ class Options:
     report_interval: float = 60.0
     dead_after: float = 3600.0
     transport: str = "daemon"
+    max_change: float = DEFAULT_MAX_CHANGE
 
 
 @frozen
@@ -70,6 +72,7 @@ class Source:
     exclude: tuple[str, ...] = ()
     keep_deleted: float = 30 * DAY
     address: Optional[str] = None
+    max_change: Optional[float] = None  # None: the global MAX CHANGE
     line: int = field(default=0, eq=False, repr=False)
 
     @property
@@ -256,6 +259,7 @@ OPTION_KEYS: dict[str, tuple[str, Callable[[str], object]]] = {
     "report interval": ("report_interval", _positive_duration),
     "dead after": ("dead_after", _positive_duration),
     "transport": ("transport", _transport),
+    "max change": ("max_change", parse_max_change),
 }
 
 #: Block keys: normalized key -> (attribute, parser, may repeat).
@@ -265,6 +269,7 @@ SOURCE_KEYS: dict[str, tuple[str, Callable[[str], object], bool]] = {
     "exclude": ("exclude", _nonempty, True),
     "keep deleted": ("keep_deleted", _duration, False),
     "address": ("address", _address, False),
+    "max change": ("max_change", parse_max_change, False),
 }
 STORE_KEYS: dict[str, tuple[str, Callable[[str], object], bool]] = {
     "size": ("size", _positive_size, False),
@@ -365,11 +370,11 @@ class _Checker:
 
     def unknown_key(self, key: str, block: formats.Block, keys: dict, other: dict) -> str:
         kind = "server" if block.kind == "source" else "backup"
+        if key in other:
+            return f"'{key}' is not a key of a {kind}: block"
         if key in OPTION_KEYS:
             return (f"{key.upper()} is a global option: write 'options: "
                     f"{key.upper()}: ...' or put it before the first block")
-        if key in other:
-            return f"'{key}' is not a key of a {kind}: block"
         return (f"unknown key {key!r} in a {kind}: block; known keys: "
                 + ", ".join(keys))
 

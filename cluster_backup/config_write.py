@@ -34,7 +34,14 @@ def _option_items(options: Options) -> list[tuple[str, str]]:
             items.append((key, format_duration(getattr(options, attr))))
     if options.transport != default.transport:
         items.append(("TRANSPORT", options.transport))
+    if options.max_change != default.max_change:
+        items.append(("MAX CHANGE", format_fraction(options.max_change)))
     return items
+
+
+def format_fraction(value: float) -> str:
+    """A C{MAX CHANGE} as a percentage that reads back the same."""
+    return f"{value * 100:.10g}%"
 
 
 def _source_items(source: Source) -> list[tuple[str, str]]:
@@ -46,6 +53,8 @@ def _source_items(source: Source) -> list[tuple[str, str]]:
         items.append(("keep deleted", format_duration(source.keep_deleted)))
     if source.address is not None:
         items.append(("address", source.address))
+    if source.max_change is not None:
+        items.append(("max change", format_fraction(source.max_change)))
     return items
 
 

@@ -45,6 +45,7 @@ from itertools import count as counter
 from operator import itemgetter, not_
 from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
+from .held import ScanChange, too_big
 from .records import (FileRecord, Needs, Records, ReportAnswer, SourceStatus, StoreStatus,
                       bad_path)
 
@@ -136,6 +137,33 @@ class _Inventory:
         self.paths: set[bytes] = set()  # reported paths the ledger lacks
 
 
+class _Held:
+    """
+    A scan held back (L{cluster_backup.held}): what it would change, kept
+    to be applied as it stands if the operator accepts it.
+    """
+
+    __slots__ = ("change", "changes", "deleted", "complete", "error", "since", "ended")
+
+    def __init__(self, change: ScanChange, changes: dict[int, tuple[int, int]],
+                 deleted: list[int], complete: bool, error: Optional[str],
+                 since: float, ended: float) -> None:
+        self.change = change
+        self.changes = changes  # file id -> its new (size, mtime)
+        self.deleted = deleted  # ids of the files the scan did not see
+        self.complete = complete
+        self.error = error
+        self.since = since  # when a scan was first held (of a run of held ones)
+        self.ended = ended  # when this scan ended
+
+    def summary(self) -> dict:
+        """Plain data for L{SourceStatus.held}."""
+        c = self.change
+        return dict(deleted_files=c.deleted_files, deleted_bytes=c.deleted_bytes,
+                    changed_files=c.changed_files, changed_bytes=c.changed_bytes,
+                    since=self.since)
+
+
 class Ledger:
     """
     The ledger of one source (see the module docstring), implementing
@@ -148,6 +176,11 @@ class Ledger:
     @param heartbeat: when given, the owner promises a call (L{beat}) at
         least this often while it runs; a longer gap is time it could not
         hear anyone and does not count against leases, claims or safemode.
+    @param max_change: the fraction of the source a scan may delete or
+        rewrite before it is held (L{cluster_backup.held}); None: never held.
+    @param accepted: C{(files, bytes)} of the last scan accepted before this
+        ledger existed (the server keeps it across restarts), so the first
+        scan after a restart is measured against it: see L{scan_finished}.
     """
 
     def __init__(
@@ -161,6 +194,8 @@ class Ledger:
         dead_after: float = 3600.0,
         claim_ttl: float = 300.0,
         heartbeat: Optional[float] = None,
+        max_change: Optional[float] = None,
+        accepted: Optional[tuple[int, int]] = None,
     ) -> None:
         if not isinstance(copies, int) or copies < 1:
             raise ValueError(f"copies must be a positive integer, not {copies!r}")
@@ -253,8 +288,14 @@ class Ledger:
 
         # Scans.
         self._seen: Optional[bytearray] = None  # marks of the running scan
+        # New versions the running scan found, applied when it ends (or held).
+        self._changes: dict[int, tuple[int, int]] = {}
         self._scanned: Optional[float] = None
         self._scan_error: Optional[str] = None
+        self._max_change = max_change
+        #: (files, bytes) of the source as last accepted; None before any.
+        self.accepted: Optional[tuple[int, int]] = accepted
+        self._held: Optional[_Held] = None
 
     # -- time ---------------------------------------------------------------
 
@@ -709,17 +750,18 @@ class Ledger:
 
     def scan_started(self) -> None:
         """
-        A scan of the source begins.  Batches may follow; only a complete
-        finish removes the files the scan did not see.
+        A scan of the source begins.  Batches may follow; what they change
+        applies when it ends (L{scan_finished}).
         """
         self._tick()
         self._seen = bytearray(len(self._paths))
+        self._changes = {}
 
     def scan_batch(self, records: Iterable[FileRecord]) -> None:
         """
         Files the running scan found (L{FileRecord}s or L{Records}).  New
-        files appear at once and a new version makes existing copies stale
-        at once; removals wait for L{scan_finished}.  A batch without
+        files appear at once; new versions of known files and removals wait
+        for L{scan_finished}, which may hold them.  A batch without
         L{scan_started} starts a scan.  A path L{relpath_problem} refuses is
         a C{ValueError} and changes nothing: L{report} trusts the paths the
         ledger knows.
@@ -735,6 +777,7 @@ class Ledger:
         ids = self._ids
         sizes = self._size
         mtimes = self._mtime
+        changes = self._changes
         waiting = [
             s for s in range(len(self._store_ids)) if self._pending[s] or self._orphans[s]
         ]
@@ -748,38 +791,104 @@ class Ledger:
             if i < len(seen):
                 seen[i] = 1
             if sizes[i] != size or mtimes[i] != mtime:
-                self._change(i, size, mtime)
+                changes[i] = (size, mtime)
+            else:
+                changes.pop(i, None)
 
     def scan_finished(self, complete: bool, error: Optional[str] = None) -> None:
         """
         The scan ended.  If C{complete}, files it did not see are removed
-        (their copies become orphans).  If not, nothing is removed (an
+        (their copies become orphans); if not, nothing is removed (an
         unreadable source is not an empty one) and C{error} is kept for
-        status.
+        status.  New versions it found make the copies of the old ones
+        stale.
+
+        Unless the change is too big (L{cluster_backup.held}): then none of
+        it applies, the source stays as last accepted, and L{status} says
+        what is held until L{accept}, or until a later scan's change is
+        small enough again.  A change is measured per file against the
+        ledger, and for the first scan after a restart (whose ledger knew
+        nothing before) by how many files and bytes are missing against
+        C{accepted}: an unmounted disk at boot is the usual case.
         """
         now = self._tick()
-        seen = self._seen
-        if not complete:
-            self._seen = None
-            self._scan_error = error if error is not None else "scan incomplete"
-            return
-        if seen is None:
+        seen, self._seen = self._seen, None
+        changes, self._changes = self._changes, {}
+        if complete and seen is None:
             raise LedgerError("scan_finished(complete=True) without scan_started()")
-        self._seen = None
-        pos = seen.find(0)
-        while pos >= 0:
-            if self._paths[pos] is not None:
-                self._remove(pos)
-            pos = seen.find(0, pos + 1)
+        deleted: list[int] = []
+        if complete:
+            pos = seen.find(0)
+            while pos >= 0:
+                if self._paths[pos] is not None:
+                    deleted.append(pos)
+                pos = seen.find(0, pos + 1)
+        change = self._measure(changes, deleted, complete)
+        if too_big(change, self._max_change):
+            since = self._held.since if self._held is not None else now
+            self._held = _Held(change, changes, deleted, complete, error, since, now)
+            return
+        self._held = None
+        self._apply(changes, deleted, complete, error, now)
+
+    def _measure(self, changes: dict[int, tuple[int, int]], deleted: list[int],
+                 complete: bool) -> ScanChange:
+        """What a scan would change (see L{scan_finished})."""
+        size = self._size
+        deleted_bytes = sum(size[i] for i in deleted)
+        changed_bytes = sum(size[i] for i in changes)
+        deleted_files = len(deleted)
+        base_files, base_bytes = self.accepted or (len(self._ids), self._bytes)
+        if complete and self.accepted is not None:
+            # Files and bytes the scan found, against the last accepted.
+            found_files = len(self._ids) - deleted_files
+            found_bytes = (self._bytes - deleted_bytes
+                           + sum(new[0] - size[i] for i, new in changes.items()))
+            deleted_files = max(deleted_files, base_files - found_files)
+            deleted_bytes = max(deleted_bytes, base_bytes - found_bytes)
+        return ScanChange(deleted_files, deleted_bytes, len(changes), changed_bytes,
+                          base_files, base_bytes)
+
+    def _apply(self, changes: dict[int, tuple[int, int]], deleted: list[int],
+               complete: bool, error: Optional[str], now: float) -> None:
+        """Apply a scan's changes (and if C{complete} its removals)."""
+        before = self._bytes
+        for i, (size, mtime) in changes.items():
+            if self._paths[i] is not None:
+                self._change(i, size, mtime)
+        if not complete:
+            self._scan_error = error if error is not None else "scan incomplete"
+            if self.accepted is not None:  # the files stand; their sizes moved
+                self.accepted = (self.accepted[0], self.accepted[1] + self._bytes - before)
+            return
+        for i in deleted:
+            if self._paths[i] is not None:
+                self._remove(i)
         first = self._scanned is None
         self._scanned = now
         self._scan_error = error
+        self.accepted = (len(self._ids), self._bytes)
         if first:
             # Paths stores reported before we knew the source are orphans.
             for s, pending in enumerate(self._pending):
                 self._orphans[s].update(pending)
                 self._tell_orphans[s].update(dict.fromkeys(pending))
                 pending.clear()
+
+    def accept(self) -> Optional[dict]:
+        """
+        The operator accepts the held scan: apply it as it stands.  Returns
+        what it changed (as L{SourceStatus.held}), or None when nothing was
+        held.
+        """
+        now = self._tick()
+        held, self._held = self._held, None
+        if held is None:
+            return None
+        self._apply(held.changes, held.deleted, held.complete, held.error, now)
+        if held.complete:
+            self._scanned = held.ended
+        return held.summary()
 
     # -- reports --------------------------------------------------------------
 
@@ -1386,7 +1495,11 @@ class Ledger:
         A current copy may go only while at least C{copies} live current
         copies remain on other hosts (claims do not count); the grant takes
         effect at once, so two stores can never both drop the last surplus
-        copy.  Stale and orphaned copies may always go.  Nothing in safemode.
+        copy.  An orphan (a file the source no longer has) may go only
+        while a live store on another host keeps the same version of it
+        (DESIGN.md rule 7: the cluster keeps at least one copy of every
+        orphan; the client deletes one past C{keep deleted} without
+        asking).  Stale copies may always go.  Nothing in safemode.
         """
         s = self._store(store)
         self._tick()
@@ -1403,7 +1516,7 @@ class Ledger:
         for path in paths:
             i = self._ids.get(path)
             if i is None:
-                if path in orphans:
+                if path in orphans and self._orphan_kept_elsewhere(s, path, orphans[path]):
                     del orphans[path]
                     self._tell_orphans[s].pop(path, None)
                     granted.append(path)
@@ -1415,6 +1528,13 @@ class Ledger:
                     self._unhold(i, s)
                     granted.append(path)
         return granted
+
+    def _orphan_kept_elsewhere(self, s: int, path: bytes, version: tuple[int, int]) -> bool:
+        """Whether a live store on another host than C{s}'s holds orphan C{path} at C{version}."""
+        host = self._hosts[s]
+        live = self._live
+        return any(live >> t & 1 and self._hosts[t] != host and kept.get(path) == version
+                   for t, kept in enumerate(self._orphans))
 
     # -- status ---------------------------------------------------------------
 
@@ -1448,6 +1568,7 @@ class Ledger:
             safemode=self._safe,
             scanned=self._scanned,
             scan_error=self._scan_error,
+            held=None if self._held is None else self._held.summary(),
         )
 
     def store_status(self) -> list[StoreStatus]:

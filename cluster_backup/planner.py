@@ -5,12 +5,15 @@ which surplus copies to ask the server to let go, which orphans to delete
 
 L{plan} takes plain records describing the store and what the servers
 offer, and returns a L{Plan}.  It never counts on space it does not have:
-a fetch is planned only into free space plus the orphans it deletes in the
-same plan (a store may delete an orphan at once).  A surplus copy may only
-go with a server's grant, so when a needed file only fits after drops, the
-plan carries drop I{requests} and lists the file in C{waiting}; the file is
-fetched in a later round, once the grants were carried out and the freed
-space shows up in C{free}.
+a fetch is planned only into free space plus the expired orphans it
+deletes in the same plan (past C{keep deleted}, a store deletes them at
+once).  A surplus copy, or an orphan still within C{keep deleted}, may only
+go with a server's grant (the server keeps at least one copy of every
+orphan, rule 7), and an orphan only to make room for a file below its
+copies.  So when a needed file only fits after drops, the plan carries drop
+I{requests} and lists the file in C{waiting}; the file is fetched in a
+later round, once the grants were carried out and the freed space shows up
+in C{free}.
 """
 
 from __future__ import annotations
@@ -77,9 +80,8 @@ class Plan:
     """
     C{fetch}: (source id, need) in the order to fetch, whose costs fit in
     free space plus C{delete_orphans}.  C{drops}: drop requests (nothing is
-    dropped before a grant).  C{delete_orphans}: orphans to delete now
-    (expired ones, then young ones the fetches need room from, oldest
-    first).  C{skipped_too_big}: needs whose cost exceeds the whole quota.
+    dropped before a grant).  C{delete_orphans}: expired orphans, to
+    delete now, oldest first.  C{skipped_too_big}: needs whose cost exceeds the whole quota.
     C{waiting}: needs that will fit once the requested drops are granted.
     """
 
@@ -191,14 +193,17 @@ def plan(
     never expire).  C{held}: this store's files, with copies from the
     server.  C{orphans}: this store's orphans.  C{busy}: files this host
     holds or is fetching through any of its stores (rule 2).  C{no_drop}:
-    held files not to ask about (a request pending, or refused lately).
+    held files and orphans not to ask about (a request pending, or refused
+    lately).
 
     Needs are taken rarest first across sources by L{rank}, ties in the
     order the servers gave (then source order).  Each that fits is
-    fetched; one that does not fit deletes young orphans (oldest first) if
-    they make it fit, else requests surplus drops (most surplus first) if
-    those would, after which nothing more is fetched this round, so the
-    space the drops make is not taken by a less rare file.
+    fetched; one that does not fit requests drops if they would make it
+    fit: for a file below its copies young orphans first (oldest first),
+    then surplus copies (most surplus first); for any other file surplus
+    copies only (an orphan is kept for C{keep deleted} rather than give way
+    to an extra copy).  After a request nothing more is fetched this round,
+    so the space the drops make is not taken by a less rare file.
 
     Greedy fill (needs at or above their copies) waits while anything
     offered is still below its copies and could fit at all: surplus taken
@@ -231,13 +236,13 @@ def _plan(*, free, quota, needs, cost, now, keep_deleted, held, orphans, busy, n
     """
     result = Plan()
     room = free
-    young: list[Orphan] = []
+    young: list[Orphan] = []  # orphans kept for keep deleted, oldest first
     for o in sorted(orphans, key=lambda o: (o.since, o.source, o.path)):
         keep = keep_deleted.get(o.source)
         if keep is not None and now - o.since >= keep:
             result.delete_orphans.append((o.source, o.path))
             room += o.size
-        else:
+        elif (o.source, o.path) not in no_drop:
             young.append(o)
 
     skip: set[Key] = set(busy)
@@ -264,7 +269,6 @@ def _plan(*, free, quota, needs, cost, now, keep_deleted, held, orphans, busy, n
     candidates.sort()
 
     pool: Optional[_Pool] = None  # built when first needed
-    young_room = sum(o.size for o in young)
     next_young = 0
     closed = False  # drops were requested: fetch nothing more this round
     for _, _, _, c, source, need in candidates:
@@ -275,22 +279,28 @@ def _plan(*, free, quota, needs, cost, now, keep_deleted, held, orphans, busy, n
             result.fetch.append((source, need))
             room -= c
             continue
-        if not closed and c <= room + young_room:
-            while room < c:
-                o = young[next_young]
-                next_young += 1
-                result.delete_orphans.append((o.source, o.path))
-                room += o.size
-                young_room -= o.size
-            result.fetch.append((source, need))
-            room -= c
-            continue
-        if pool is None:
-            pool = _Pool(held, no_drop)
-        short = c - (0 if closed else room + young_room)
-        chosen = pool.take(need, short) if short <= pool.bytes else None
-        if chosen is None:
-            continue  # cannot be made to fit now: a smaller one may
+        # Room must be asked for: young orphans (only for a file below its
+        # copies, oldest first), then surplus copies.
+        short = c - (0 if closed else room)
+        orphans_taken = 0
+        freed = 0
+        if need.copies < need.wanted:
+            while freed < short and next_young + orphans_taken < len(young):
+                freed += young[next_young + orphans_taken].size
+                orphans_taken += 1
+        chosen: Optional[list[Held]] = []
+        if freed < short:
+            if pool is None:
+                pool = _Pool(held, no_drop)
+            rest = short - freed
+            chosen = pool.take(need, rest) if rest <= pool.bytes else None
+            if chosen is None:
+                continue  # cannot be made to fit now: a smaller one may
+        for o in young[next_young:next_young + orphans_taken]:
+            result.drops.append(Drop(
+                o.source, o.path, f"orphan, room for {need.path!r} (below copies)",
+                source, need.path))
+        next_young += orphans_taken
         for h in chosen:
             why = ("below copies" if need.copies < need.wanted
                    else f"{need.copies} copies vs {h.copies}")
@@ -299,7 +309,7 @@ def _plan(*, free, quota, needs, cost, now, keep_deleted, held, orphans, busy, n
                 f"surplus {h.copies}/{h.wanted}, room for {need.path!r} ({why})",
                 source, need.path))
         result.waiting.append((source, need.path))
-        # What is free and the young orphans now wait for this file; later
-        # needs can only be made room for by drops of their own.
+        # What is free now waits for this file; later needs can only be
+        # made room for by drops of their own.
         closed = True
     return result

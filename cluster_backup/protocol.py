@@ -682,11 +682,29 @@ class Status(_Command):
     ]
 
 
+class Accept(_Command):
+    """
+    The operator accepts C{source}'s held scan (DESIGN.md rule 8; see
+    L{cluster_backup.held}): the server applies it as it stands.
+    C{applied} is false when nothing was held; otherwise C{change} is a
+    JSON object of what it changed (deleted_files, deleted_bytes,
+    changed_files, changed_bytes, since).
+    """
+
+    commandName = b"accept"
+    arguments = [(b"source", amp.Unicode())]
+    response = [
+        (b"applied", amp.Boolean()),
+        (b"change", amp.Unicode(optional=True)),
+    ]
+    errors = {UnknownSource: b"UNKNOWN_SOURCE"}
+
+
 #: Every command of the conversation, by wire name.
 COMMANDS = {
     c.commandName: c
     for c in (
-        Hello, Authenticate, Report, ListNeeds, ListSurplus, Claim, Release, Status
+        Hello, Authenticate, Report, ListNeeds, ListSurplus, Claim, Release, Status, Accept
     )
 }
 

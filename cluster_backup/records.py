@@ -326,6 +326,9 @@ class SourceStatus:
     safemode: bool
     scanned: Optional[float]  # clock time the last complete scan ended
     scan_error: Optional[str] = None
+    #: A held scan (L{cluster_backup.held}): deleted_files, deleted_bytes,
+    #: changed_files, changed_bytes, and since (clock time first held).
+    held: Optional[dict] = None
 
 
 @frozen

@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 
 from .protocol import (
     AUTH_TIMEOUT,
+    Accept,
     CLAIM_TTL,
     COMMANDS,
     INVENTORY_MARKS,
@@ -114,6 +115,8 @@ class ServerProtocol(amp.AMP):
         up that source (the config's C{ignore source}); default all.
     @param claim_ttl: seconds a claim lasts, told in L{Claim} answers.
     @param nonce: C{n -> n random bytes}.
+    @param accept: source id -> accept its held scan (L{Accept}); returns
+        what it applied, or None; default: nothing is ever held.
     """
 
     def __init__(
@@ -127,8 +130,10 @@ class ServerProtocol(amp.AMP):
         serves: Optional[Callable[[str, str], bool]] = None,
         claim_ttl: int = CLAIM_TTL,
         nonce: Callable[[int], bytes] = os.urandom,
+        accept: Optional[Callable[[str], Optional[dict]]] = None,
     ):
         super().__init__()
+        self.accept_scan = accept if accept is not None else (lambda source: None)
         self.ledgers = ledgers
         self.stores = stores
         self._secret = secret
@@ -479,6 +484,18 @@ class ServerProtocol(amp.AMP):
             asked=len(paths),
         )
         return dict(granted=granted)
+
+    @Accept.responder
+    def accept(self, source: str) -> dict:
+        if source not in self.ledgers:
+            raise UnknownSource(f"{self.server_host} serves no source {source[:300]!r}")
+        applied = self.accept_scan(source)
+        log.warn("{host} ({peer}) accepted the held scan of {source}: {what}",
+                 host=self.client_host, peer=self.peer, source=source,
+                 what="nothing was held" if applied is None else "applied")
+        if applied is None:
+            return dict(applied=False)
+        return dict(applied=True, change=json.dumps(applied, sort_keys=True))
 
     @Status.responder
     def status(self, cursor: Optional[bytes] = None) -> dict:

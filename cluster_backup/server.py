@@ -14,15 +14,18 @@ import gc
 import os
 import signal
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from cluster_backup import accepted as accepted_state
 from cluster_backup.config import Cluster, Source, read_secret
+from cluster_backup.held import describe
 from cluster_backup.ledger import Ledger
 from cluster_backup.responder import ServerFactory
 from cluster_backup.rsyncd import RsyncDaemon
@@ -40,15 +43,19 @@ class SourceScanner(Service):
     """
     Scans one source into its ledger at start and every C{interval}
     seconds.  A missing or unreadable source is logged and recorded in the
-    ledger as an incomplete scan, never as an empty source.
+    ledger as an incomplete scan, never as an empty source; a scan that
+    would change too much of it is held by the ledger (L{cluster_backup.held})
+    and logged as critical.  C{saved()} is called whenever the ledger's
+    accepted state moved, so that it outlives a restart.
     """
 
     def __init__(self, source: Source, ledger: Ledger, interval: float,
-                 skip: list[str], reactor):
+                 skip: list[str], reactor, saved: Callable[[], object] = lambda: None):
         self.source = source
         self.ledger = ledger
         self.skip = skip
         self.reactor = reactor
+        self.saved = saved
         self.setName(f"scan {source.id}")
         self._timer = TimerService(interval, self.scan_once)
         self._timer.clock = reactor
@@ -66,6 +73,7 @@ class SourceScanner(Service):
     def scan_once(self):
         """One scan; never raises (a raising TimerService stops for good)."""
         started = time.monotonic()
+        accepted = self.ledger.accepted
         self.ledger.scan_started()
         try:
             result = yield scan(self.source.path, self.ledger.scan_batch,
@@ -79,16 +87,6 @@ class SourceScanner(Service):
             self.ledger.scan_finished(False, "internal error during scan")
             log.failure("scan of {source} failed", source=self.source.id)
             return
-        if result.files == 0:
-            known = self.ledger.status().files
-            if known:
-                # An unmounted filesystem leaves an empty mount point: never
-                # let that look like every file deleted.
-                error = (f"{self.source.path} is empty but had {known} files "
-                         "(not mounted?); keeping them")
-                self.ledger.scan_finished(False, error)
-                log.error("scan of {source}: {error}", source=self.source.id, error=error)
-                return
         error = None
         if not result.complete:
             first = ", ".join(f"{os.fsdecode(p) or '.'} ({why})"
@@ -96,6 +94,8 @@ class SourceScanner(Service):
             error = f"{result.missed} entries could not be read: {first}"
         self.ledger.scan_finished(result.complete, error)
         self.scans += 1
+        if self.ledger.accepted != accepted:
+            self.saved()
         # The ledger's millions of objects live as long as the server: keep
         # the cyclic GC from walking them all again (a full pass over a big
         # ledger holds the reactor for tens of milliseconds).
@@ -106,6 +106,59 @@ class SourceScanner(Service):
             "{incomplete}", source=self.source.id, files=result.files,
             bytes=result.bytes, seconds=time.monotonic() - started,
             incomplete="" if result.complete else f" (incomplete: {error})")
+        held = self.ledger.status().held
+        if held is not None:
+            log.critical(
+                "scan of {source} HELD: {change} since the last accepted scan, more than "
+                "MAX CHANGE allows (unmounted disk? ransomware?); the backups keep the "
+                "previous state. If the change is right: cbackup accept -c CONFIG "
+                "--source {source}", source=self.source.id, change=describe(held))
+
+    def accept(self) -> Optional[dict]:
+        """The operator accepts the held scan (see L{Ledger.accept})."""
+        applied = self.ledger.accept()
+        if applied is not None:
+            log.warn("{source}: held scan accepted by the operator: {change} applied",
+                     source=self.source.id, change=describe(applied))
+            self.saved()
+        return applied
+
+
+class Saver:
+    """
+    Keeps every ledger's accepted state in C{state_dir} (L{accepted_state}),
+    written in a thread, one write at a time; a save asked for during a
+    write makes one more write after it.
+    """
+
+    def __init__(self, state_dir: str, ledgers: dict[str, Ledger], reactor):
+        self.state_dir = state_dir
+        self.ledgers = ledgers
+        self.reactor = reactor
+        self._writing: Optional[Deferred] = None
+        self._again = False
+
+    def save(self) -> None:
+        if self._writing is not None:
+            self._again = True
+            return
+        data = {source: ledger.accepted for source, ledger in self.ledgers.items()}
+        self._writing = deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
+                                          self._write, data)
+        self._writing.addErrback(lambda f: log.error(
+            "cannot save the accepted scans in {dir}: {why}", dir=self.state_dir,
+            why=f.getErrorMessage()))
+        self._writing.addBoth(self._written)
+
+    def _write(self, data) -> None:
+        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        accepted_state.save(self.state_dir, data)
+
+    def _written(self, _) -> None:
+        self._writing = None
+        if self._again:
+            self._again = False
+            self.save()
 
 
 class Listener(Service):
@@ -321,16 +374,23 @@ def build(cluster: Cluster, host: str, state_dir: str, reactor) -> MultiService:
     top = MultiService()
     sources = cluster.sources_on(host)
     ledgers: dict[str, Ledger] = {}
+    scanners: dict[str, SourceScanner] = {}
+    baseline = accepted_state.load(state_dir)
+    saving = Saver(state_dir, ledgers, reactor)
     for source in sources:
         stores = {store.id: store.host for store in cluster.stores_for(source)}
         ledgers[source.id] = Ledger(
             source.id, source.copies, reactor, stores,
             report_interval=options.report_interval, dead_after=options.dead_after,
-            heartbeat=HEARTBEAT)
+            heartbeat=HEARTBEAT, accepted=baseline.get(source.id),
+            max_change=(source.max_change if source.max_change is not None
+                        else options.max_change))
         # Stores of this host inside the source are never scanned as data.
         skip = [store.path for store in cluster.stores_on(host)]
-        SourceScanner(source, ledgers[source.id],
-                      source.rescan or options.rescan, skip, reactor).setServiceParent(top)
+        scanners[source.id] = SourceScanner(
+            source, ledgers[source.id], source.rescan or options.rescan, skip, reactor,
+            saved=saving.save)
+        scanners[source.id].setServiceParent(top)
     bind = _bind_address(cluster, host)
     StaleDaemonReaper(os.path.join(state_dir, "rsyncd")).setServiceParent(top)
     daemon = RsyncDaemon(
@@ -348,7 +408,8 @@ def build(cluster: Cluster, host: str, state_dir: str, reactor) -> MultiService:
     backs = {s.id: {store.id for store in cluster.stores_for(s)} for s in sources}
     factory = ServerFactory(
         ledgers, {store.id: store.host for store in cluster.stores}, secret, host,
-        rsync_endpoint, reactor, serves=lambda store, source: store in backs.get(source, ()))
+        rsync_endpoint, reactor, serves=lambda store, source: store in backs.get(source, ()),
+        accept=lambda source: scanners[source].accept())
     listener = Listener(_listen_endpoint(reactor, bind, options.port), factory, reactor,
                         f"{bind or '*'}:{options.port}")
     listener.setServiceParent(top)

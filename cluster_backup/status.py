@@ -10,8 +10,9 @@ it.  Servers are asked concurrently, each within C{--timeout}; one that
 cannot be asked is shown with the reason and hides nothing else.
 
 Exit status, for monitoring: 0 when every source was reached, is out of
-safemode, had a complete scan and has every file at its copies; 1
-otherwise; 2 for a bad config (C{FILE:LINE: problem} on stderr).
+safemode, had a complete scan, has no scan error and no held scan, and has
+every file at its copies; 1 otherwise; 2 for a bad config
+(C{FILE:LINE: problem} on stderr).
 
 The network part (L{ask_server}, L{ask_all}) only gathers L{Answer}s;
 everything after is pure: L{build} turns a config and answers into a
@@ -40,6 +41,7 @@ from twisted.python.failure import Failure
 
 from cluster_backup import session
 from cluster_backup.config import Cluster, ConfigError, load, read_secret
+from cluster_backup.held import describe
 from cluster_backup.identity import identify_or_none
 from cluster_backup.protocol import AuthFailed
 from cluster_backup.records import SourceStatus, StoreStatus
@@ -106,7 +108,7 @@ async def _converse(reactor, address, port, client_host, secret, timeout):
         proto.transport.loseConnection()
 
 
-def _timed_out(result, timeout: float):
+def timed_out(result, timeout: float):
     # Whatever the cancel produced (ConnectingCancelledError while
     # connecting, CancelledError later), the reason is the timeout.
     raise DeferredTimeoutError(timeout)
@@ -129,7 +131,7 @@ def ask_server(
     d = Deferred.fromCoroutine(
         _converse(reactor, address, port, client_host, secret, timeout)
     )
-    d.addTimeout(timeout, reactor, onTimeoutCancel=_timed_out)
+    d.addTimeout(timeout, reactor, onTimeoutCancel=timed_out)
 
     def answered(result):
         sources, stores = result
@@ -192,8 +194,13 @@ class SourceView:
         out = []
         if s.safemode:
             out.append("safemode")
+        if s.held is not None:
+            out.append(f"held: {s.held['deleted_files']:,} deleted, "
+                       f"{s.held['changed_files']:,} changed")
         if s.scanned is None:
             out.append("no complete scan yet")
+        if s.scan_error:
+            out.append("scan error")
         if s.under_files:
             out.append(f"{s.under_files:,} files below {copies_text(s.copies)}")
         return out
@@ -321,14 +328,15 @@ def to_json(report: Report) -> dict:
                 "error": v.error}
         if s is None:
             item.update(files=None, bytes=None, histogram=None, under_replicated=None,
-                        safemode=None, scanned=None, scan_age=None, scan_error=None)
+                        safemode=None, scanned=None, scan_age=None, scan_error=None,
+                        held=None)
         else:
             item.update(
                 files=s.files, bytes=s.bytes,
                 histogram={str(c): fb[0] for c, fb in sorted(s.histogram.items())},
                 under_replicated={"files": s.under_files, "bytes": s.under_bytes},
                 safemode=s.safemode, scanned=s.scanned is not None,
-                scan_age=_round(v.scan_age), scan_error=s.scan_error)
+                scan_age=_round(v.scan_age), scan_error=s.scan_error, held=s.held)
         item["ok"] = not v.problems
         sources.append(item)
     stores = [
@@ -409,6 +417,10 @@ def _source_text(v: SourceView) -> list[str]:
     lines.append(f"  {s.files:,} files, {human_size(s.bytes)}; {scan}")
     if s.scan_error:
         lines.append(f"  scan error: {s.scan_error}")
+    if s.held is not None:
+        lines.append(f"  HELD scan: {describe(s.held)} since the last accepted scan "
+                     "(more than MAX CHANGE); the backups keep the previous state")
+        lines.append(f"    if the change is right: cbackup accept -c CONFIG --source {v.source}")
     if s.safemode:
         lines.append("  safemode: the server restarted and waits for stores to "
                      "report; no new copies until then")
@@ -475,7 +487,7 @@ def render_text(report: Report) -> str:
 # --- the command ----------------------------------------------------------
 
 
-def _positive(text: str) -> float:
+def positive_seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -491,15 +503,16 @@ def register(subparsers) -> None:
         "status", help="ask every server how replication is going",
         description="Ask every server (concurrently) for its sources' copies "
         "and its stores' reports.  Exit 0 when every source is reachable, out "
-        "of safemode, scanned and at its copies; 1 otherwise; 2 on a bad config.")
+        "of safemode, scanned without error or held change, and at its copies; "
+        "1 otherwise; 2 on a bad config.")
     p.add_argument("-c", "--config", required=True, help="the cluster config file")
     p.add_argument("--json", action="store_true", help="print one JSON object "
                    "(with --watch, one per line)")
-    p.add_argument("--watch", type=_positive, metavar="SECONDS",
+    p.add_argument("--watch", type=positive_seconds, metavar="SECONDS",
                    help="ask again every SECONDS until Ctrl-C")
     p.add_argument("--host", help="ask as this host of the config "
                    "(default: found from this machine's names, else anonymous)")
-    p.add_argument("--timeout", type=_positive, default=DEFAULT_TIMEOUT,
+    p.add_argument("--timeout", type=positive_seconds, default=DEFAULT_TIMEOUT,
                    metavar="SECONDS",
                    help=f"give each server this long to answer (default {DEFAULT_TIMEOUT:g})")
     p.set_defaults(func=cmd_status)
@@ -529,7 +542,7 @@ async def _rounds(reactor, cluster, client_host, secret, args, out, last: list) 
         await deferLater(reactor, args.watch, lambda: None)
 
 
-def _run(reactor, work, last: list, err: TextIO) -> int:
+def run_until_done(reactor, work, last: list, err: TextIO) -> int:
     """Run the reactor until C{work()} is done or Ctrl-C; return its code."""
     def done(result):
         if isinstance(result, Failure):
@@ -558,5 +571,5 @@ def cmd_status(args: argparse.Namespace, out: TextIO, err: TextIO, reactor=None)
     if reactor is None:
         from twisted.internet import reactor
     last = [EXIT_PROBLEM]
-    return _run(reactor, lambda: _rounds(reactor, cluster, me or ANONYMOUS_CLIENT,
+    return run_until_done(reactor, lambda: _rounds(reactor, cluster, me or ANONYMOUS_CLIENT,
                                          secret, args, out, last), last, err)

@@ -48,15 +48,14 @@ def _reference_pass(*, free, quota, needs, cost, now, keep_deleted, held, orphan
                     no_drop, wait_fill) -> Plan:
     result = Plan()
     room = free
-    expired_keys: set[Key] = set()
     young: list[Orphan] = []
     for o in sorted(orphans, key=lambda o: (o.since, o.source, o.path)):
         keep = keep_deleted.get(o.source)
         if keep is not None and now - o.since >= keep:
+            # Past keep deleted: gone at once, no grant needed.
             result.delete_orphans.append((o.source, o.path))
-            expired_keys.add((o.source, o.path))
             room += o.size
-        else:
+        elif (o.source, o.path) not in no_drop:
             young.append(o)
 
     skip: set[Key] = set(busy)
@@ -80,7 +79,6 @@ def _reference_pass(*, free, quota, needs, cost, now, keep_deleted, held, orphan
         (h for h in held if h.copies > h.wanted and (h.source, h.path) not in no_drop),
         key=lambda h: (-h.surplus, -h.copies, -h.size, h.source, h.path),
     )
-    young_room = sum(o.size for o in young)
     closed = False  # drops were requested: fetch nothing more this round
     for _, _, _, source, need in candidates:
         c = cost(source, need.path, need.size)
@@ -91,18 +89,18 @@ def _reference_pass(*, free, quota, needs, cost, now, keep_deleted, held, orphan
             result.fetch.append((source, need))
             room -= c
             continue
-        if not closed and c <= room + young_room:
-            while room < c:
-                o = young.pop(0)
-                result.delete_orphans.append((o.source, o.path))
-                room += o.size
-                young_room -= o.size
-            result.fetch.append((source, need))
-            room -= c
-            continue
-        short = c - (0 if closed else room + young_room)
-        chosen = []
+        # Ask for room: young orphans only for a file below its copies
+        # (oldest first), then surplus copies it may swap with.
+        short = c - (0 if closed else room)
+        below = need.copies < need.wanted
+        takes_orphans = []
         freed = 0
+        for o in (young if below else []):
+            if freed >= short:
+                break
+            takes_orphans.append(o)
+            freed += o.size
+        chosen = []
         for h in pool:
             if freed >= short:
                 break
@@ -111,16 +109,20 @@ def _reference_pass(*, free, quota, needs, cost, now, keep_deleted, held, orphan
                 freed += h.size
         if freed < short:
             continue  # cannot be made to fit now: a smaller one may
+        for o in takes_orphans:
+            young.remove(o)
+            result.drops.append(Drop(
+                o.source, o.path, f"orphan, room for {need.path!r} (below copies)",
+                source, need.path))
         for h in chosen:
             pool.remove(h)
-            why = ("below copies" if need.copies < need.wanted
-                   else f"{need.copies} copies vs {h.copies}")
+            why = ("below copies" if below else f"{need.copies} copies vs {h.copies}")
             result.drops.append(Drop(
                 h.source, h.path,
                 f"surplus {h.copies}/{h.wanted}, room for {need.path!r} ({why})",
                 source, need.path))
         result.waiting.append((source, need.path))
-        # What is free and the young orphans now wait for this file; later
-        # needs can only be made room for by drops of their own.
+        # What is free now waits for this file; later needs can only be
+        # made room for by drops of their own.
         closed = True
     return result

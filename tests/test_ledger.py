@@ -553,11 +553,31 @@ class VersionTests(SynchronousTestCase):
         self.assertEqual(ledger.status().histogram, {0: [1, 10]})
         self.assertEqual({s.store: s.files for s in ledger.store_status()}["b:/1"], 0)
 
-    def test_stale_and_orphan_copies_can_always_be_dropped(self):
+    def test_stale_copies_can_always_be_dropped(self):
         ledger, _ = make(copies=2, files=[rec(b"f", 10, 1), rec(b"g")])
-        ledger.report("b:/1", [rec(b"f", 10, 9), rec(b"gone")])
-        self.assertEqual(ledger.drop("b:/1", [b"f", b"gone"]), [b"f", b"gone"])
+        ledger.report("b:/1", [rec(b"f", 10, 9)])
+        self.assertEqual(ledger.drop("b:/1", [b"f"]), [b"f"])
+
+    def test_the_last_copy_of_an_orphan_stays(self):
+        """Rule 7: within keep deleted the cluster keeps one copy of each orphan."""
+        ledger, clock = make(copies=2, files=[rec(b"f", 10, 1), rec(b"g")])
+        ledger.report("b:/1", [rec(b"gone", 5, 1), rec(b"old", 5, 1)])
+        ledger.report("a:/1", [rec(b"gone", 5, 1)])  # same version, host a
+        ledger.report("a:/2", [rec(b"old", 5, 1)])
+        ledger.report("c:/1", [rec(b"old", 5, 2)])  # another version: no help
+        self.assertEqual(ledger.drop("b:/1", [b"gone", b"old"]), [b"gone", b"old"])
+        # Now a and its host mate hold the last copies: they must stay.
+        self.assertEqual(ledger.drop("a:/1", [b"gone"]), [])
+        self.assertEqual(ledger.drop("a:/2", [b"old"]), [])
+        self.assertEqual(ledger.drop("c:/1", [b"old"]), [])
         self.assertRaises(UnknownPath, ledger.drop, "b:/1", [b"gone"])
+        # Copies of stores declared dead do not count.
+        ledger.report("d:/1", [rec(b"old", 5, 2)])
+        clock.advance(DEAD)
+        ledger.report("c:/1")
+        self.assertEqual(ledger.drop("c:/1", [b"old"]), [])
+        ledger.report("d:/1")
+        self.assertEqual(ledger.drop("c:/1", [b"old"]), [b"old"])
 
 
 class ScanTests(SynchronousTestCase):
@@ -615,6 +635,161 @@ class ScanTests(SynchronousTestCase):
         self.assertTrue(ledger.knows(b"f"))
 
 
+class HeldScanTests(SynchronousTestCase):
+    """
+    A scan that deletes or rewrites more than C{max_change} of the source is
+    held (DESIGN.md rule 8): nothing becomes an orphan, no copy stops
+    counting, until accept() or a scan that changes little enough.
+    """
+
+    FILES = [rec(b"f%03d" % n, 10, 1) for n in range(100)]
+
+    def held_ledger(self, max_change=0.2, accepted=None, files=None):
+        clock = Clock()
+        ledger = Ledger(SOURCE, 2, clock, STORES, report_interval=INTERVAL,
+                        dead_after=DEAD, claim_ttl=TTL, max_change=max_change,
+                        accepted=accepted)
+        if files is None:
+            files = self.FILES
+        scan(ledger, files)
+        for store in STORES:
+            ledger.inventory_started(store)
+            if store in ("b:/1", "c:/1"):
+                ledger.report(store, files)
+            ledger.inventory_finished(store)
+        return ledger, clock
+
+    def test_unmounted_source_is_held(self):
+        """An empty mount point with a marker file: every file 'deleted'."""
+        ledger, clock = self.held_ledger()
+        before = ledger.status().histogram
+        clock.advance(10)
+        scan(ledger, [rec(b"NOT-MOUNTED", 2, 5)])
+        status = ledger.status()
+        self.assertEqual(status.held, dict(deleted_files=100, deleted_bytes=1000,
+                                           changed_files=0, changed_bytes=0, since=10))
+        # The new file is there; the old ones still count, and none is an orphan.
+        self.assertEqual(status.histogram, {**before, 0: [1, 2]})
+        self.assertTrue(all(ledger.knows(r.path) for r in self.FILES))
+        self.assertEqual(ledger.report("b:/1").orphans, [])
+        self.assertEqual(ledger.drop("b:/1", [b"f000"]), [])  # at 2 copies: no surplus
+        self.assertEqual(status.scanned, 0)  # the last accepted scan
+        # Still unmounted at the next scan: still held, since unchanged.
+        clock.advance(10)
+        scan(ledger, [rec(b"NOT-MOUNTED", 2, 5)])
+        self.assertEqual(ledger.status().held["since"], 10)
+        # The operator says it is right: now they are orphans.
+        applied = ledger.accept()
+        self.assertEqual(applied["deleted_files"], 100)
+        self.assertIsNone(ledger.status().held)
+        self.assertEqual(ledger.status().files, 1)
+        self.assertEqual(sorted(ledger.report("b:/1").orphans), [r.path for r in self.FILES])
+        self.assertEqual(ledger.status().scanned, 20)
+        self.assertIsNone(ledger.accept())  # nothing held any more
+
+    def test_rewrites_are_held_and_copies_keep_counting(self):
+        """Ransomware: 30 of 100 files rewritten in place (same size)."""
+        ledger, clock = self.held_ledger()
+        encrypted = [rec(r.path, r.size, 99) for r in self.FILES[:30]]
+        scan(ledger, encrypted + self.FILES[30:])
+        status = ledger.status()
+        self.assertEqual((status.held["changed_files"], status.held["deleted_files"]), (30, 0))
+        self.assertEqual(status.histogram, {2: [100, 1000]})
+        # The stores' copies are still current; the new versions are not.
+        self.assertEqual(ledger.report("b:/1", self.FILES[:30]).stale, [])
+        self.assertEqual(ledger.report("d:/1", encrypted[:1]).stale, [b"f000"])
+        self.assertEqual(needs_all(ledger, "d:/1")[0].mtime, 1)
+        ledger.accept()
+        self.assertEqual(sorted(ledger.report("b:/1").stale), [r.path for r in encrypted])
+        self.assertEqual(ledger.status().histogram, {0: [29, 290], 1: [1, 10], 2: [70, 700]})
+
+    def test_a_small_change_applies_at_once(self):
+        ledger, _ = self.held_ledger()
+        scan(ledger, self.FILES[15:])  # 15% deleted
+        self.assertIsNone(ledger.status().held)
+        self.assertEqual(ledger.status().files, 85)
+        self.assertEqual(len(ledger.report("b:/1").orphans), 15)
+
+    def test_hold_ends_when_the_source_comes_back(self):
+        ledger, _ = self.held_ledger()
+        scan(ledger, [])
+        self.assertIsNotNone(ledger.status().held)
+        scan(ledger, self.FILES)  # remounted
+        self.assertIsNone(ledger.status().held)
+        self.assertEqual(ledger.status().histogram, {2: [100, 1000]})
+        self.assertEqual(ledger.report("b:/1").orphans, [])
+
+    def test_a_later_held_scan_replaces_the_earlier(self):
+        ledger, _ = self.held_ledger()
+        scan(ledger, self.FILES[50:])
+        scan(ledger, self.FILES[30:])
+        self.assertEqual(ledger.accept()["deleted_files"], 30)
+        self.assertEqual(ledger.status().files, 70)
+
+    def test_few_files_are_never_held_but_all_gone_is(self):
+        files = self.FILES[:20]
+        ledger, _ = self.held_ledger(files=files)
+        scan(ledger, files[9:])  # 45% deleted, but only 9 files
+        self.assertIsNone(ledger.status().held)
+        self.assertEqual(ledger.status().files, 11)
+        scan(ledger, [])  # every file gone
+        self.assertEqual(ledger.status().held["deleted_files"], 11)
+
+    def test_incomplete_scan_with_many_rewrites_is_held(self):
+        ledger, _ = self.held_ledger()
+        scan(ledger, [rec(r.path, 1, 7) for r in self.FILES[:50]], complete=False,
+             error="permission denied")
+        status = ledger.status()
+        self.assertEqual((status.held["changed_files"], status.scan_error), (50, None))
+        self.assertEqual(status.histogram, {2: [100, 1000]})
+        ledger.accept()
+        self.assertEqual(ledger.status().scan_error, "permission denied")
+        self.assertEqual(ledger.status().files, 100)  # an incomplete scan removes nothing
+
+    def test_deleted_bytes_count(self):
+        files = [rec(b"big", 10_000, 1)] + self.FILES[:30]
+        ledger, _ = self.held_ledger(files=files)
+        scan(ledger, files[20:])  # 20 files, 10,190 of 10,300 bytes
+        held = ledger.status().held
+        self.assertEqual((held["deleted_files"], held["deleted_bytes"]), (20, 10_190))
+
+    def test_without_max_change_nothing_is_held(self):
+        ledger, _ = self.held_ledger(max_change=None)
+        scan(ledger, [])
+        self.assertIsNone(ledger.status().held)
+        self.assertEqual(ledger.status().files, 0)
+
+    def test_first_scan_after_a_restart_is_measured_against_the_last_accepted(self):
+        """A disk that did not mount at boot: the ledger knew nothing before."""
+        clock = Clock()
+        ledger = Ledger(SOURCE, 2, clock, STORES, report_interval=INTERVAL,
+                        dead_after=DEAD, claim_ttl=TTL, max_change=0.2,
+                        accepted=(100, 1000))
+        # The stores re-report before the scan ends, as after any restart.
+        for store in ("b:/1", "c:/1"):
+            ledger.inventory_started(store)
+            ledger.report(store, self.FILES)
+            ledger.inventory_finished(store)
+        scan(ledger, [rec(b"NOT-MOUNTED", 2, 5)])
+        status = ledger.status()
+        self.assertEqual((status.held["deleted_files"], status.held["deleted_bytes"]),
+                         (99, 998))
+        self.assertEqual(ledger.report("b:/1").orphans, [])  # kept aside, not orphaned
+        self.assertEqual(ledger.accepted, (100, 1000))
+        scan(ledger, [rec(b"NOT-MOUNTED", 2, 5)])  # still held at the next scan
+        self.assertIsNotNone(ledger.status().held)
+        ledger.accept()
+        self.assertEqual(len(ledger.report("b:/1").orphans), 100)
+        self.assertEqual(ledger.accepted, (1, 2))
+
+    def test_restart_with_the_source_intact_is_not_held(self):
+        clock = Clock()
+        ledger = Ledger(SOURCE, 2, clock, STORES, max_change=0.2, accepted=(100, 1000))
+        scan(ledger, self.FILES[:95])
+        self.assertIsNone(ledger.status().held)
+        self.assertEqual(ledger.accepted, (95, 950))
+
+
 class InventoryTests(SynchronousTestCase):
     """An inventory replaces what the ledger thinks a store holds."""
 
@@ -647,8 +822,11 @@ class InventoryTests(SynchronousTestCase):
         self.assertEqual(ledger.status().histogram, {0: [4, 50], 1: [2, 20]})
         self.assertEqual({n.path for n in needs_all(ledger, "c:/1")},
                          {b"f1", b"f4", b"f5", b"new", b"f2", b"f3"})
-        # What b reported and still has may go: the orphan and the stale copy.
-        self.assertEqual(ledger.drop("b:/1", [b"f0", b"f1"]), [b"f0", b"f1"])
+        # What b reported and still has may go: the stale copy, and the
+        # orphan once another host keeps it too (rule 7).
+        self.assertEqual(ledger.drop("b:/1", [b"f0", b"f1"]), [b"f1"])
+        ledger.report("c:/1", [rec(b"f0")])
+        self.assertEqual(ledger.drop("b:/1", [b"f0"]), [b"f0"])
         self.assertEqual(ledger.drop("b:/1", [b"new"]), [])
 
     def test_new_inventory_drops_the_stores_claims(self):
@@ -1135,6 +1313,8 @@ ops_st = st.lists(
         st.tuples(st.just("drop"), stores_st, paths_st),
         st.tuples(st.just("claim"), stores_st, paths_st, st.booleans()),
         st.tuples(st.just("claimfetch"), stores_st, paths_st),  # as a client does
+        # A file deleted at the source, then a store asks to drop its orphan.
+        st.tuples(st.just("deletedrop"), paths_st, stores_st),
         st.tuples(st.just("release"), stores_st, paths_st),
         st.tuples(st.just("drop"), stores_st, paths_st),
         st.tuples(st.just("lose"), stores_st, paths_st),
@@ -1335,6 +1515,12 @@ class ModelTests(SynchronousTestCase):
             if len(model.hosts(path)) < COPIES:
                 model.low_claimed = model.now
 
+    def do_deletedrop(self, ledger, model, path, store):
+        files = {p: v for p, v in model.current.items() if p != path}
+        self.do_rescan(ledger, model, files, True)
+        self.check(ledger, model)
+        self.do_drop(ledger, model, store, path)
+
     def do_claimfetch(self, ledger, model, store, path):
         self.do_claim(ledger, model, store, path, False)
         self.check(ledger, model)
@@ -1353,9 +1539,12 @@ class ModelTests(SynchronousTestCase):
             self.assertRaises(UnknownPath, ledger.drop, store, [path])
             return
         others = model.hosts(path, exclude_host=STORES[store])
-        expected = not model.safe and path in held and (
-            not model.holds(store, path) or len(others) >= COPIES
-        )
+        if path in model.current:  # current (rule 4) or stale (always)
+            may = not model.holds(store, path) or len(others) >= COPIES
+        else:  # an orphan: another live host keeps that version (rule 7)
+            may = any(self.live(model, t) and STORES[t] != STORES[store]
+                      and model.truth[t].get(path) == held[path] for t in STORES)
+        expected = not model.safe and path in held and may
         granted = ledger.drop(store, [path])
         self.assertEqual(granted, [path] if expected else [])
         if granted:
@@ -1367,6 +1556,11 @@ class ModelTests(SynchronousTestCase):
                 self.assertGreaterEqual(
                     len(model.hosts(path, exclude_host=STORES[store])), COPIES
                 )
+
+    @staticmethod
+    def live(model, store):
+        """Counted: reported and not declared dead (a ledger's live stores)."""
+        return not model.dead(store)
 
     def check(self, ledger, model):
         model.forget_dead_claims()

@@ -9,6 +9,7 @@ is the other's only real peer.
 from __future__ import annotations
 
 import hashlib
+import json
 import hmac
 import struct
 from typing import Iterable, Optional
@@ -260,7 +261,7 @@ FILES = [
 class Harness:
     """A client AMP connected to a L{ServerProtocol} over iosim."""
 
-    def __init__(self, case, secret=SECRET, ledgers=None, serves=None):
+    def __init__(self, case, secret=SECRET, ledgers=None, serves=None, accept=None):
         self.case = case
         self.clock = Clock()
         self.traffic: list[bytes] = []
@@ -274,6 +275,7 @@ class Harness:
             lambda source: RSYNC,
             self.clock,
             serves=serves,
+            accept=accept,
         )
         self.client, _, self.pump = connectedServerAndClient(
             lambda: self.server,
@@ -1264,6 +1266,42 @@ class RealLedgerPathTests(SynchronousTestCase):
         answer = self.h.ok(S.report_delta(self.h.client, SOURCE, STORE,
                                           [FileRecord(b"caf\xe9/new\nline", 1, 1)], []))
         self.assertEqual(list(answer.orphans), [b"caf\xe9/new\nline"])
+
+class AcceptTests(SynchronousTestCase):
+    """L{P.Accept} over AMP against a real L{Ledger} holding a scan."""
+
+    def setUp(self):
+        self.clock = Clock()
+        many = [FileRecord(b"f%02d" % n, 10, 1) for n in range(20)]
+        self.real = Ledger(SOURCE, 1, self.clock, REAL_STORES, max_change=0.2)
+        self.real.scan_started()
+        self.real.scan_batch(many)
+        self.real.scan_finished(True)
+        self.real.scan_started()
+        self.real.scan_batch(many[:5])
+        self.real.scan_finished(True)  # 15 of 20 gone: held
+        self.h = Harness(self, ledgers={SOURCE: self.real},
+                         accept=lambda source: self.real.accept())
+
+    def test_needs_authentication(self):
+        self.h.refused(self.h.client.callRemote(P.Accept, source=SOURCE), P.NotAuthenticated)
+        self.assertIsNotNone(self.real.status().held)
+
+    def test_accept_applies_once(self):
+        self.h.login("cbackup-status")
+        self.assertEqual(self.real.status().files, 20)
+        answer = self.h.call(P.Accept, source=SOURCE)
+        self.assertTrue(answer["applied"])
+        self.assertEqual(json.loads(answer["change"])["deleted_files"], 15)
+        self.assertEqual(self.real.status().files, 5)
+        self.assertFalse(self.h.call(P.Accept, source=SOURCE)["applied"])
+
+    def test_unknown_source(self):
+        self.h.login()
+        self.h.refused(self.h.client.callRemote(P.Accept, source="host9:/x"),
+                       P.UnknownSource)
+        self.assertIsNotNone(self.real.status().held)
+
 
 # ---------------------------------------------------------------- encodings
 

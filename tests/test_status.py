@@ -52,7 +52,7 @@ def cluster():
 
 
 def source_status(source=S1, copies=2, histogram=None, safemode=False, scanned=1000.0,
-                  scan_error=None) -> SourceStatus:
+                  scan_error=None, held=None) -> SourceStatus:
     """A status whose totals and under-replication follow from C{histogram}."""
     if histogram is None:
         histogram = {copies: [100, 10 * GiB]}
@@ -63,7 +63,11 @@ def source_status(source=S1, copies=2, histogram=None, safemode=False, scanned=1
         bytes=sum(v[1] for v in histogram.values()),
         histogram=histogram,
         under_files=sum(v[0] for v in under), under_bytes=sum(v[1] for v in under),
-        safemode=safemode, scanned=scanned, scan_error=scan_error)
+        safemode=safemode, scanned=scanned, scan_error=scan_error, held=held)
+
+
+HELD = dict(deleted_files=206, deleted_bytes=37 << 20, changed_files=3, changed_bytes=300,
+            since=990.0)
 
 
 def store_status(store=ST3, state="live", files=100, size=GiB, age=2.0, quota=None,
@@ -161,6 +165,10 @@ class BuildTests(SynchronousTestCase):
             "safemode": source_status(safemode=True),
             "no complete scan yet": source_status(scanned=None),
             "5 files below 2 copies": source_status(histogram={1: [5, 5], 2: [9, 9]}),
+            # The root went missing after a complete scan: figures stand, but
+            # the source is not being watched (issue 15, finding 5).
+            "scan error": source_status(scan_error="/data: No such file or directory"),
+            "held: 206 deleted, 3 changed": source_status(held=HELD),
         }
         for problem, s in cases.items():
             answers = healthy_answers()
@@ -183,6 +191,17 @@ class BuildTests(SynchronousTestCase):
         answers[0] = Answer("host1", "host1", 5005, (source_status(), extra), ())
         report = build(cluster(), answers, now=1000.0)
         self.assertEqual([v.source for v in report.sources], [S1, S2, "host1:/elsewhere"])
+
+    def test_held_scan_is_shown_with_the_command_that_accepts_it(self):
+        answers = healthy_answers()
+        answers[0] = Answer("host1", "host1", 5005, (source_status(held=HELD),), ())
+        report = build(cluster(), answers, now=1000.0)
+        text = render_text(report)
+        self.assertIn("ATTENTION: held: 206 deleted, 3 changed\n", text)
+        self.assertIn("HELD scan: 206 deleted (37M), 3 changed (300B)", text)
+        self.assertIn(f"cbackup accept -c CONFIG --source {S1}\n", text)
+        self.assertEqual(to_json(report)["sources"][0]["held"], HELD)
+        self.assertFalse(to_json(report)["sources"][0]["ok"])
 
     def test_scan_age_never_negative(self):
         report = build(cluster(), healthy_answers(), now=900.0)  # server clock ahead
@@ -232,7 +251,7 @@ class TextTests(SynchronousTestCase):
             scan_error="permission denied: /data/x"),), ())
         text = render_text(build(cluster(), answers, now=1300.0))
         self.assertRegex(text, r"source host1:/data  wants 2 copies  ATTENTION: "
-                               r"312 files below 2 copies\n")
+                               r"scan error; 312 files below 2 copies\n")
         self.assertRegex(text, r"\n +0 +12 +1\.2G  __\n")
         self.assertRegex(text, r"\n +1 +300 +200M  #_\n")
         self.assertRegex(text, r"\n +2 +892 +1\.8G  ##   <- wanted\n")
