@@ -19,7 +19,7 @@ from typing import Optional
 
 from twisted.application.internet import ClientService, TimerService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -55,6 +55,23 @@ RECONNECT_MAX = 60.0
 #: A full store asks for needs only when it holds surplus copies, or after
 #: this many report intervals (see L{Agent._full}).
 REASK_FULL = 5
+#: Every AMP call to a server must be answered within this many report
+#: intervals, bounded below and above (see L{call_timeout}).
+CALL_TIMEOUT_INTERVALS = 3
+CALL_TIMEOUT_MIN = 5.0
+CALL_TIMEOUT_MAX = 60.0
+
+
+def call_timeout(report_interval: float) -> float:
+    """
+    Seconds a server has to answer one AMP call (DESIGN.md rule 9).  A
+    server answers in milliseconds; one that does not answer in several
+    report intervals is hung (stopped, or its disk or VM is), and the
+    connection to it is dropped, so that it delays only the work for its
+    own sources.
+    """
+    return min(CALL_TIMEOUT_MAX, max(CALL_TIMEOUT_MIN,
+                                     CALL_TIMEOUT_INTERVALS * report_interval))
 
 
 def reconnect_delay(failures: int, jitter=random.random) -> float:
@@ -103,9 +120,33 @@ async def release_claims(proto, source_id: str, store_id: str, paths: list) -> N
 
 
 class _LinkProtocol(amp.AMP):
+    """
+    One connection to a server.  Every call has a deadline (L{call_timeout}):
+    a call not answered in time fails with a L{TimeoutError} and the
+    connection is dropped (a hung server's connection is of no use; the
+    link reconnects with backoff), so no caller ever waits on a hung
+    server for good.
+    """
+
     def __init__(self, link: "ServerLink"):
         super().__init__()
         self.link = link
+
+    def callRemote(self, command, **kw):
+        d = super().callRemote(command, **kw)
+        if d is not None:
+            d.addTimeout(self.link.timeout, self.link.reactor,
+                         onTimeoutCancel=self._timed_out)
+        return d
+
+    def _timed_out(self, result, timeout):
+        log.warn("{store}: server {server} did not answer within {timeout:g}s; "
+                 "dropping the connection", store=self.link.agent.id,
+                 server=self.link.server_host, timeout=timeout)
+        if self.transport is not None:
+            self.transport.abortConnection()
+        raise TimeoutError(f"server {self.link.server_host} did not answer "
+                           f"within {timeout:g}s")
 
     def connectionMade(self):
         super().connectionMade()
@@ -126,12 +167,16 @@ class ServerLink:
     def __init__(self, agent: "Agent", server_host: str, address: str, port: int, reactor):
         self.agent = agent
         self.server_host = server_host
+        self.reactor = reactor
+        self.timeout = call_timeout(agent.cluster.options.report_interval)
         self.sources = [s for s in agent.sources if s.host == server_host]
-        endpoint = session.server_endpoint(reactor, address, port)
+        endpoint = session.server_endpoint(reactor, address, port, timeout=self.timeout)
         factory = Factory.forProtocol(lambda: _LinkProtocol(self))
         self.service = ClientService(
             endpoint, factory, retryPolicy=reconnect_delay, clock=reactor)
         self.proto: Optional[amp.AMP] = None
+        #: The lease renewal in flight with this server, if any.
+        self.renewing: Optional[Deferred] = None
 
     def connected(self, proto: amp.AMP) -> None:
         d = ensureDeferred(self._session(proto))
@@ -305,24 +350,34 @@ class Agent(MultiService):
             log.info("{store}: {n} files of {source} changed at the source; will refetch",
                      store=self.id, n=len(answer.stale), source=source.id)
 
-    def renew(self) -> Deferred:
-        """Renew this store's lease with every connected server."""
-        return ensureDeferred(self._renew())
-
-    async def _renew(self) -> None:
+    def renew(self) -> None:
+        """
+        Renew this store's lease with every connected server, each on its
+        own: a slow or hung server delays only its own renewal (DESIGN.md
+        rule 9), and a renewal still in flight is not stacked upon.  Returns
+        nothing, so the lease timer never waits on any server.
+        """
         for link in self.links.values():
-            proto = link.proto
-            if proto is None:
+            if link.proto is None or link.renewing is not None:
                 continue
-            for source in link.sources:
-                try:
-                    answer = await session.report_delta(proto, source.id, self.id,
-                                                        **self.usage())
-                except Exception as e:
-                    log.warn("{store}: lease renewal with {server} failed: {why}",
-                             store=self.id, server=link.server_host, why=str(e))
-                    break
-                self.handle_answer(source, answer)
+            link.renewing = ensureDeferred(self._renew(link))
+            link.renewing.addBoth(self._renewed, link)
+
+    @staticmethod
+    def _renewed(_, link: ServerLink) -> None:
+        link.renewing = None
+
+    async def _renew(self, link: ServerLink) -> None:
+        proto = link.proto
+        for source in link.sources:
+            try:
+                answer = await session.report_delta(proto, source.id, self.id,
+                                                    **self.usage())
+            except Exception as e:
+                log.warn("{store}: lease renewal with {server} failed: {why}",
+                         store=self.id, server=link.server_host, why=str(e) or repr(e))
+                return
+            self.handle_answer(source, answer)
 
     # --- one round -----------------------------------------------------
 
@@ -347,21 +402,14 @@ class Agent(MultiService):
                 return False
         offered: list[tuple[str, list]] = []
         safe = hold_fill = False
-        for source in self.sources:
-            proto = self._proto(source)
-            if proto is None:
+        # Every server at once: a slow one delays only its own answer.
+        asks = [self._needs_of(source) for source in self.sources
+                if self._proto(source) is not None]
+        for answer in await gatherResults([ensureDeferred(a) for a in asks]):
+            if answer is None:
                 continue
-            try:
-                needs, safemode, fill_waits = await session.list_all_needs(
-                    proto, source.id, self.id, limit=NEEDS_PER_ROUND)
-                hold_fill = hold_fill or (fill_waits and not safemode)
-                if not safemode:
-                    needs = await self._already_held(proto, source, needs)
-            except Exception as e:
-                # One bad server (or a lost connection) must not starve the others.
-                log.warn("{store}: asking {source} for needs failed: {why}",
-                         store=self.id, source=source.id, why=str(e) or repr(e))
-                continue
+            source, needs, safemode, fill_waits = answer
+            hold_fill = hold_fill or (fill_waits and not safemode)
             if safemode:
                 safe = True
             else:
@@ -437,6 +485,25 @@ class Agent(MultiService):
             self._checking = checking
         return bool(fetched or plan.drops or plan.delete_orphans)
 
+    async def _needs_of(self, source: Source) -> Optional[tuple]:
+        """
+        C{(source, needs, safemode, fill_waits)} from C{source}'s server,
+        the needs this store already meets on disk reported rather than
+        offered (L{_already_held}); None when the server could not be asked.
+        """
+        proto = self._proto(source)
+        try:
+            needs, safemode, fill_waits = await session.list_all_needs(
+                proto, source.id, self.id, limit=NEEDS_PER_ROUND)
+            if not safemode:
+                needs = await self._already_held(proto, source, needs)
+        except Exception as e:
+            # One bad server (or a lost connection) must not starve the others.
+            log.warn("{store}: asking {source} for needs failed: {why}",
+                     store=self.id, source=source.id, why=str(e) or repr(e))
+            return None
+        return source, needs, safemode, fill_waits
+
     def _full(self) -> bool:
         """
         Whether this store's free space is smaller than every file offered
@@ -452,15 +519,24 @@ class Agent(MultiService):
                 and not self.store.orphans())
 
     async def _surplus(self, source_ids: list) -> list:
-        """This store's surplus copies (L{planner.Held}) of C{source_ids}."""
-        held: list[planner.Held] = []
-        for sid in source_ids:
+        """
+        This store's surplus copies (L{planner.Held}) of C{source_ids}, asked
+        of every server at once; a server that cannot be asked has none.
+        """
+        async def one(sid: str) -> list:
             proto = self._proto(self.by_id[sid])
             if proto is None:
-                continue
-            surplus = await session.list_surplus(proto, sid, self.id)
-            held += [planner.Held(sid, n.path, n.size, n.copies, n.wanted) for n in surplus]
-        return held
+                return []
+            try:
+                surplus = await session.list_surplus(proto, sid, self.id)
+            except Exception as e:
+                log.warn("{store}: asking {source} for surplus failed: {why}",
+                         store=self.id, source=sid, why=str(e) or repr(e))
+                return []
+            return [planner.Held(sid, n.path, n.size, n.copies, n.wanted) for n in surplus]
+
+        lists = await gatherResults([ensureDeferred(one(sid)) for sid in source_ids])
+        return [h for held in lists for h in held]
 
     async def _already_held(self, proto, source: Source, needs: list) -> list:
         """
@@ -525,7 +601,12 @@ class Agent(MultiService):
             if proto is None:
                 continue
             paths = [d.path for d in items]
-            granted = set(await session.release(proto, sid, self.id, paths, drop=True))
+            try:
+                granted = set(await session.release(proto, sid, self.id, paths, drop=True))
+            except Exception as e:
+                log.warn("{store}: asking {source} to drop {n} copies failed: {why}",
+                         store=self.id, source=sid, n=len(paths), why=str(e) or repr(e))
+                continue
             now = self.reactor.seconds()
             for d in items:
                 if d.path in granted:
@@ -537,8 +618,15 @@ class Agent(MultiService):
         for sid, paths in removed.items():
             proto = self._proto(self.by_id[sid])
             if proto is not None and paths:
-                answer = await session.report_delta(proto, sid, self.id, removed=paths,
-                                                    **self.usage())
+                try:
+                    answer = await session.report_delta(proto, sid, self.id, removed=paths,
+                                                        **self.usage())
+                except Exception as e:
+                    # Reported with the inventory of the next connection.
+                    log.warn("{store}: reporting {n} removed files of {source} failed: "
+                             "{why}", store=self.id, n=len(paths), source=sid,
+                             why=str(e) or repr(e))
+                    continue
                 self.handle_answer(self.by_id[sid], answer)
 
     async def fetch_batch(self, source: Source, needs: list,

@@ -17,6 +17,7 @@ import re
 import signal
 import time
 
+from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
@@ -362,6 +363,87 @@ class ServerFaultTests(TestCase):
             sessions_after_resume=new_conn, stores_declared_dead=0,
             reports_per_store_second_idle=round(base_rate, 2),
             reports_per_store_second_after_resume=[round(r, 2) for r in rates]))
+
+
+    # --- 4 ---------------------------------------------------------------
+
+    @inlineCallbacks
+    def test_one_hung_server_does_not_stall_the_others(self):
+        """
+        Two servers; SIGSTOP one for twice DEAD AFTER (issue 15, finding 2):
+        the stores keep renewing their leases with the other on time (none
+        goes stale there, none is declared dead anywhere), keep fetching its
+        new files, and after SIGCONT nothing was dropped or written again.
+        """
+        report_interval, dead_after = 1, 8
+        stop_for = 2 * dead_after
+        sources = [{"host": "f4a", "address": "127.0.0.75", "copies": 2, "files": 150,
+                    "seed": 65},
+                   {"host": "f4b", "address": "127.0.0.76", "copies": 2, "files": 150,
+                    "seed": 66}]
+        stores = [store(f"f4st{i}", f"127.0.0.{77 + i}", f"f4st{i}", 100 * MiB)
+                  for i in range(3)]
+        cluster = self.make(sources, stores, **{"DEAD AFTER": f"{dead_after}s",
+                                                "REPORT INTERVAL": f"{report_interval}s"})
+        hung, healthy = cluster.sources
+        yield cluster.start()
+        yield self.converge(cluster)
+        from cluster_backup.config import load, read_secret
+        from cluster_backup.status import ask_server
+        config = load(cluster.config)
+        secret = read_secret(config)
+
+        def ask(source):
+            return ask_server(reactor, source["host"], source["address"], cluster.port,
+                              "cbackup-status", secret, timeout=5)
+
+        server = cluster.process("cbackup-server", hung["host"])
+        before = copies_on_disk(cluster)
+        mark = {h: log_size(cluster.process("cbackup-server", h).logfile)
+                for h in (hung["host"], healthy["host"])}
+        worst_age, states, samples = 0.0, set(), 0
+        server.signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        try:
+            added = add_files(healthy["path"], 20, seed=67)
+            while time.monotonic() - stopped_at < stop_for:
+                answer = yield ask(healthy)
+                self.assertIsNone(answer.error)
+                for _, st in answer.stores:
+                    states.add(st.state)
+                    worst_age = max(worst_age, st.last_report_age or 0.0)
+                samples += 1
+                yield sleep(0.5)
+            new_copies = min(len(cluster.holders(healthy, rel)) for rel in added)
+        finally:
+            server.signal(signal.SIGCONT)
+        # While the other server was stopped, its stores stayed live here,
+        # reported every interval, and fetched this server's new files.
+        self.assertEqual(states, {"live"})
+        self.assertLess(worst_age, 3 * report_interval)
+        self.assertGreaterEqual(samples, stop_for)
+        self.assertGreaterEqual(new_copies, 2)
+        yield self.converge(cluster)
+        yield sleep(3)
+        after = copies_on_disk(cluster)
+        changed = [k for k, v in before.items() if after.get(k, (None, None))[:2] != v[:2]]
+        self.assertEqual(changed, [], "copies were dropped or written again")
+        for host, offset in mark.items():
+            text = log_from(cluster.process("cbackup-server", host).logfile, offset)
+            self.assertIsNone(DEAD.search(text), f"a store was declared dead by {host}")
+        timeouts = sum(log_from(t.logfile, 0).count("did not answer within")
+                       for t in cluster.processes if t.plugin == "cbackup-client")
+        truth = self.check_ground_truth(cluster)
+        record_figures("server_hung", dict(
+            truth, faults_injected=1, stopped_seconds=stop_for,
+            dead_after_seconds=dead_after, report_interval_seconds=report_interval,
+            status_samples_during_stop=samples,
+            worst_report_age_on_the_other_server=round(worst_age, 2),
+            store_states_on_the_other_server=sorted(states),
+            files_added_to_the_other_server_during_stop=len(added),
+            their_fewest_copies_during_stop=new_copies,
+            calls_timed_out=timeouts, copies_dropped_or_rewritten=len(changed),
+            stores_declared_dead=0))
 
 
 def traffic(text: str) -> list[dict]:

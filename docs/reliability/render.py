@@ -38,6 +38,11 @@ SCENARIOS = [
      "tests/test_faults_server.py::test_server_stopped_for_a_while",
      "no store declared dead, nothing dropped or rewritten, reports per store per second "
      "stay bounded after the resume (no lease storm)"),
+    ("server", "server_hung", "one of two servers stopped (SIGSTOP) for 2 x DEAD AFTER",
+     "tests/test_faults_server.py::test_one_hung_server_does_not_stall_the_others",
+     "the stores' leases with the other server stay live (report age under 3 intervals), "
+     "its new files reach their copies during the stop, no store is declared dead, "
+     "nothing is dropped or written again"),
     ("abuse", None, "bad input and hostile peers",
      "tests/test_abuse_config.py, test_abuse_protocol.py, test_abuse_paths.py, "
      "test_abuse_security.py",
