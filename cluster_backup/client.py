@@ -17,6 +17,7 @@ import time
 from collections import defaultdict
 from typing import Optional
 
+from attrs import define, field
 from twisted.application.internet import ClientService, TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
@@ -28,8 +29,8 @@ from twisted.protocols import amp
 from cluster_backup import planner, session, transfer
 from cluster_backup.config import Cluster, Source, Store as StoreConfig
 from cluster_backup.protocol import UnknownPath
-from cluster_backup.records import ReportAnswer, rank
-from cluster_backup.store import Store
+from cluster_backup.records import FileRecord, ReportAnswer, rank
+from cluster_backup.store import Store, StoreError, kept_key
 from cluster_backup.units import human_size
 
 log = Logger()
@@ -82,6 +83,20 @@ def reconnect_delay(failures: int, jitter=random.random) -> float:
     """
     base = min(RECONNECT_MAX, RECONNECT_FIRST * 1.5 ** min(failures - 1, 100))
     return base * (1 + jitter() / 2)
+
+
+@define
+class Unreported:
+    """What changed in a store for one source since its last report."""
+
+    removed: list[bytes] = field(factory=list)  # layout paths no longer held
+    kept: list[FileRecord] = field(factory=list)  # versions newly kept (rule 7)
+    unkept: list[FileRecord] = field(factory=list)  # kept versions deleted
+
+    def merge(self, other: "Unreported") -> None:
+        self.removed += other.removed
+        self.kept += other.kept
+        self.unkept += other.unkept
 
 
 def fetch_order(fetch: list) -> dict[str, list]:
@@ -236,6 +251,13 @@ class Agent(MultiService):
         #: not run (the server went away mid-batch): not reported until checked.
         self.unverified: dict[str, set[bytes]] = {}
         self.warned_too_big: set[tuple[str, bytes]] = set()
+        #: source id -> what changed on disk and is not reported yet
+        #: (L{_report_changes}): layout paths removed, versions kept, kept
+        #: versions deleted.
+        self.unreported: dict[str, Unreported] = defaultdict(Unreported)
+        #: (source id, path) -> a kept old version of that file the server
+        #: let go, to be updated in place into the new version (rule 7).
+        self.basis: dict[tuple[str, bytes], FileRecord] = {}
         #: Whether the last round found a server in safemode, and the pause
         #: before asking again (see L{SAFEMODE_RETRY}).
         self.in_safemode = False
@@ -336,8 +358,11 @@ class Agent(MultiService):
 
     async def send_inventory(self, proto, source: Source) -> None:
         records = list(self.store.files.get(source.id, {}).values())
+        kept = list(self.store.kept.get(source.id, {}))
+        # A full inventory says everything: nothing earlier is left to report.
+        self.unreported.pop(source.id, None)
         answer = await session.report_inventory(proto, source.id, self.id, records,
-                                                **self.usage())
+                                                kept=kept, **self.usage())
         self.handle_answer(source, answer)
 
     def handle_answer(self, source: Source, answer: ReportAnswer) -> None:
@@ -347,8 +372,38 @@ class Agent(MultiService):
                      "kept for {keep}", store=self.id, n=len(answer.orphans),
                      source=source.id, keep=f"{source.keep_deleted:.0f}s")
         if answer.stale:
-            log.info("{store}: {n} files of {source} changed at the source; will refetch",
-                     store=self.id, n=len(answer.stale), source=source.id)
+            kept = self._keep_old_versions(source, answer.stale)
+            log.info("{store}: {n} files of {source} changed at the source; {kept} old "
+                     "versions kept for {keep}, the new ones will be fetched",
+                     store=self.id, n=len(answer.stale), source=source.id, kept=kept,
+                     keep=f"{source.keep_deleted:.0f}s")
+
+    def _keep_old_versions(self, source: Source, paths) -> int:
+        """
+        Move this store's copies of C{paths} (versions the source replaced)
+        out of the layout into its kept versions (rule 7), where the room for
+        their folders allows; returns how many were kept.  A copy that
+        cannot be kept stays in the layout as a stale copy.
+        """
+        now = self.reactor.seconds()
+        held = self.store.files.get(source.id, {})
+        delta = self.unreported[source.id]
+        kept = 0
+        for path in paths:
+            if path not in held:
+                continue
+            try:
+                if self.store.keep_cost(source.host, source.path, path) > self.store.free:
+                    continue
+                record = self.store.keep(source.host, source.path, path, now)
+            except (OSError, StoreError) as e:
+                log.warn("{store}: cannot keep the old version of {path} of {source}: {why}",
+                         store=self.id, path=os.fsdecode(path), source=source.id, why=str(e))
+                continue
+            delta.removed.append(path)
+            delta.kept.append(record)
+            kept += 1
+        return kept
 
     def renew(self) -> None:
         """
@@ -371,13 +426,27 @@ class Agent(MultiService):
         proto = link.proto
         for source in link.sources:
             try:
-                answer = await session.report_delta(proto, source.id, self.id,
-                                                    **self.usage())
+                await self._report_changes(proto, source)
             except Exception as e:
                 log.warn("{store}: lease renewal with {server} failed: {why}",
                          store=self.id, server=link.server_host, why=str(e) or repr(e))
                 return
-            self.handle_answer(source, answer)
+
+    async def _report_changes(self, proto, source: Source) -> None:
+        """
+        One report to C{source}'s server of what changed on disk and was
+        not reported yet (it renews the lease too).  What a failed report
+        carried is reported again next time (or by the next inventory).
+        """
+        delta = self.unreported.pop(source.id, Unreported())
+        try:
+            answer = await session.report_delta(
+                proto, source.id, self.id, removed=delta.removed, kept=delta.kept,
+                unkept=delta.unkept, **self.usage())
+        except Exception:
+            self.unreported[source.id].merge(delta)
+            raise
+        self.handle_answer(source, answer)
 
     # --- one round -----------------------------------------------------
 
@@ -433,10 +502,7 @@ class Agent(MultiService):
         self._offers_at = now
         self.no_drop = {k: t for k, t in self.no_drop.items()
                         if now - t < self.cluster.options.report_interval * 5}
-        files = self.store.files
-        orphans = [planner.Orphan(sid, path, files[sid][path].size, since)
-                   for (sid, path), since in self.store.orphans().items()
-                   if path in files.get(sid, {})]
+        orphans = self._orphans(now)
         self.store.refresh_quota()
         parents: dict = {}  # nothing on disk changes while planning (Store.cost)
         plan = planner.plan(
@@ -450,11 +516,10 @@ class Agent(MultiService):
                 self.warned_too_big.add(key)
                 log.warn("{store}: {path} of {source} is larger than the whole quota; "
                          "skipped", store=self.id, path=os.fsdecode(key[1]), source=key[0])
-        removed: dict[str, list[bytes]] = defaultdict(list)
         for sid, path in plan.delete_orphans:
-            self._remove(sid, path, "orphan", removed)
-        await self._drops(plan.drops, removed)
-        await self._report_removed(removed)
+            self._remove(sid, path, "orphan kept for keep deleted")
+        await self._drops(plan.drops)
+        await self._report_removed()
         fetched = 0
         by_source = fetch_order(plan.fetch)
         # Each batch's check against the source and its report (latency
@@ -582,17 +647,67 @@ class Agent(MultiService):
         return sure + kept
 
     def _cost(self, sid: str, path: bytes, size: int, parents: Optional[dict] = None) -> int:
+        """
+        What fetching C{path} adds to usage at its peak (L{Store.cost}); an
+        update in place over a kept old version (L{basis}) adds only what
+        the new version is larger by.
+        """
         source = self.by_id[sid]
-        return self.store.cost(source.host, source.path, path, size, parents)
+        cost = self.store.cost(source.host, source.path, path, size, parents)
+        basis = self.basis.get((sid, path))
+        return cost - min(size, basis.size) if basis is not None else cost
 
-    def _remove(self, sid: str, path: bytes, reason: str, removed: dict) -> None:
+    def _orphans(self, now: float) -> list[planner.Orphan]:
+        """
+        This store's orphans for the planner: files deleted at the source
+        still in the layout, and the superseded versions it keeps (keyed by
+        L{kept_key}), each with when it was first orphaned.
+        """
+        marks = self.store.orphans()
+        out = []
+        for sid, held in self.store.files.items():
+            out += [planner.Orphan(sid, path, held[path].size, since)
+                    for (s, path), since in marks.items() if s == sid and path in held]
+        bases = set(self.basis.values())
+        for sid, kept in self.store.kept.items():
+            for record in kept:
+                if record in bases:
+                    continue  # let go already, to be updated in place
+                key = kept_key(record)
+                out.append(planner.Orphan(sid, key, record.size, marks.get((sid, key), now),
+                                          of=record.path))
+        return out
+
+    def _kept_record(self, sid: str, key: bytes) -> Optional[FileRecord]:
+        """The kept version of C{sid} whose L{kept_key} is C{key}, if still kept."""
+        for record in self.store.kept.get(sid, {}):
+            if kept_key(record) == key:
+                return record
+        return None
+
+    def _remove(self, sid: str, path: bytes, reason: str) -> None:
+        """Delete a layout copy, or a kept version (by its L{kept_key})."""
         source = self.by_id[sid]
-        freed = self.store.remove(source.host, source.path, path)
-        removed[sid].append(path)
+        if b"\0" in path:
+            record = self._kept_record(sid, path)
+            if record is None:
+                return
+            freed = self.store.remove_kept(source.host, source.path, record)
+            self.unreported[sid].unkept.append(record)
+            path = b"%s (version of %d)" % (record.path, record.mtime)
+        else:
+            freed = self.store.remove(source.host, source.path, path)
+            self.unreported[sid].removed.append(path)
         log.info("{store}: dropped {path} of {source} ({reason}; {freed} B freed)",
                  store=self.id, path=os.fsdecode(path), source=sid, reason=reason, freed=freed)
 
-    async def _drops(self, drops: list, removed: dict) -> None:
+    async def _drops(self, drops: list) -> None:
+        """
+        Ask each server to let go of the copies and kept versions C{drops}
+        name; delete those granted.  A kept version granted to make room for
+        a newer version of the same file is not deleted but kept as the
+        basis the new version is written over (L{basis}).
+        """
         asked: dict[str, list] = defaultdict(list)
         for drop in drops:
             asked[drop.source].append(drop)
@@ -600,34 +715,44 @@ class Agent(MultiService):
             proto = self._proto(self.by_id[sid])
             if proto is None:
                 continue
-            paths = [d.path for d in items]
+            copies = [d.path for d in items if b"\0" not in d.path]
+            kept = {d.path: self._kept_record(sid, d.path) for d in items
+                    if b"\0" in d.path}
+            kept = {key: record for key, record in kept.items() if record is not None}
             try:
-                granted = set(await session.release(proto, sid, self.id, paths, drop=True))
+                granted = set(await session.release(proto, sid, self.id, copies, drop=True)
+                              if copies else ())
+                if kept:
+                    granted.update(kept_key(r) for r in await session.drop_kept(
+                        proto, sid, self.id, list(kept.values())))
             except Exception as e:
                 log.warn("{store}: asking {source} to drop {n} copies failed: {why}",
-                         store=self.id, source=sid, n=len(paths), why=str(e) or repr(e))
+                         store=self.id, source=sid, n=len(items), why=str(e) or repr(e))
                 continue
             now = self.reactor.seconds()
             for d in items:
-                if d.path in granted:
-                    self._remove(sid, d.path, d.reason, removed)
-                else:
+                if d.path not in granted:
                     self.no_drop[(sid, d.path)] = now
+                elif d.path in kept and kept[d.path].path == d.for_path:
+                    self.basis[(sid, d.for_path)] = kept[d.path]
+                    self.unreported[sid].unkept.append(kept[d.path])
+                    log.info("{store}: {path} of {source} will be updated in place from its "
+                             "old version", store=self.id, path=os.fsdecode(d.for_path),
+                             source=sid)
+                else:
+                    self._remove(sid, d.path, d.reason)
 
-    async def _report_removed(self, removed: dict) -> None:
-        for sid, paths in removed.items():
+    async def _report_removed(self) -> None:
+        """Report what changed on disk to every server that is connected."""
+        for sid in list(self.unreported):
             proto = self._proto(self.by_id[sid])
-            if proto is not None and paths:
-                try:
-                    answer = await session.report_delta(proto, sid, self.id, removed=paths,
-                                                        **self.usage())
-                except Exception as e:
-                    # Reported with the inventory of the next connection.
-                    log.warn("{store}: reporting {n} removed files of {source} failed: "
-                             "{why}", store=self.id, n=len(paths), source=sid,
-                             why=str(e) or repr(e))
-                    continue
-                self.handle_answer(self.by_id[sid], answer)
+            if proto is None:
+                continue
+            try:
+                await self._report_changes(proto, self.by_id[sid])
+            except Exception as e:
+                log.warn("{store}: reporting changes of {source} failed: {why}",
+                         store=self.id, source=sid, why=str(e) or repr(e))
 
     async def fetch_batch(self, source: Source, needs: list,
                           later: Optional[list] = None) -> int:
@@ -661,8 +786,13 @@ class Agent(MultiService):
         renew = LoopingCall(self._renew_claim, proto, source, paths)
         renew.clock = self.reactor
         renew.start(max(1.0, grant.ttl / 3), now=False)
+        inplace = [p for p in paths if (source.id, p) in self.basis]
+        whole = [p for p in paths if (source.id, p) not in self.basis]
         try:
-            result = await self._rsync(source, grant, paths)
+            result = await self._rsync(source, grant, whole)
+            if inplace:
+                result = transfer.combined(result, await self._update_in_place(
+                    source, grant, inplace))
         finally:
             if renew.running:
                 renew.stop()
@@ -685,6 +815,28 @@ class Agent(MultiService):
 
         later.append(settle)
         return len(arrived)
+
+    async def _update_in_place(self, source: Source, grant, paths: list):
+        """
+        Fetch C{paths} by rewriting in place the old versions the server let
+        go for them (L{basis}): each is moved to the store's update folder,
+        rsync rewrites it there with it as the delta basis (room: the larger
+        of the two versions, not both), and what rsync finished goes into
+        the layout.  A failed update leaves nothing in the layout.
+        """
+        dest = None
+        for path in paths:
+            record = self.basis.pop((source.id, path))
+            try:
+                dest = self.store.take_for_update(source.host, source.path, record)
+            except (OSError, StoreError, KeyError) as e:
+                log.warn("{store}: cannot update {path} of {source} in place: {why}",
+                         store=self.id, path=os.fsdecode(path), source=source.id, why=str(e))
+        result = await self._rsync(source, grant, paths, update_dir=dest)
+        done = sorted(result.transferred) if result.status in ("ok", "partial") else []
+        self.store.finish_update(source.host, source.path, done)
+        self.store.clean_update(source.host, source.path)
+        return result
 
     def _settle_failed(self, failure, source: Source) -> int:
         log.failure("{store}: checking and reporting a batch of {source} failed", failure,
@@ -722,18 +874,20 @@ class Agent(MultiService):
 
     def _rsync_marker(self) -> str:
         """The argv entry that marks this store's rsyncs (see L{transfer.kill_strays})."""
-        return "--partial-dir=" + os.fsdecode(self.store.partial_dir)
+        return "--temp-dir=" + os.fsdecode(self.store.temp_dir)
 
-    async def _rsync(self, source: Source, grant, paths: list, check: bool = False):
+    async def _rsync(self, source: Source, grant, paths: list, check: bool = False,
+                     update_dir: Optional[bytes] = None):
         """
         Fetch C{paths} (or with C{check}, list those whose copy differs from
-        the source now, see L{transfer.changed_since}).  A run that cannot
-        even start (say, fork fails) is a failed result; once the agent is
-        stopping, none starts (a cancelled result).
+        the source now, see L{transfer.changed_since}; with C{update_dir},
+        rewrite the files there in place, see L{_update_in_place}).  A run
+        that cannot even start (say, fork fails) is a failed result; once
+        the agent is stopping, none starts (a cancelled result).
         """
         if self._stopping:
             return transfer.TransferResult(None, "cancelled", (), (), 0.0, 0)
-        dest = self.store.source_dir(source.host, source.path)
+        dest = update_dir or self.store.source_dir(source.host, source.path)
         if source.host == self.host:
             url, password = source.path, None
         else:
@@ -745,7 +899,8 @@ class Agent(MultiService):
                 self.reactor, source_url=url, password=password, dest_dir=os.fsdecode(dest),
                 paths=paths, partial_dir=os.fsdecode(self.store.partial_dir),
                 temp_dir=os.fsdecode(self.store.temp_dir),
-                bwlimit=None if check else self.cluster.options.bwlimit)
+                bwlimit=None if check else self.cluster.options.bwlimit,
+                inplace=update_dir is not None)
         except OSError as e:
             log.warn("{store}: rsync for {source} did not start: {why}", store=self.id,
                      source=source.id, why=str(e))

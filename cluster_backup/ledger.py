@@ -127,7 +127,7 @@ def _once(ids: Sequence[int], *columns: Sequence) -> tuple[Sequence, ...]:
 class _Inventory:
     """What one store reported since its inventory_started()."""
 
-    __slots__ = ("current", "other", "paths")
+    __slots__ = ("current", "other", "paths", "kept")
 
     def __init__(self) -> None:
         # Ids reported at the current version, still held since: always a
@@ -135,6 +135,7 @@ class _Inventory:
         self.current: set[int] = set()
         self.other: set[int] = set()  # ids reported at another version
         self.paths: set[bytes] = set()  # reported paths the ledger lacks
+        self.kept: dict[FileRecord, None] = {}  # superseded versions kept
 
 
 class _Held:
@@ -245,6 +246,10 @@ class Ledger:
         # file id -> {store: version it holds that is not current}
         self._stale: dict[int, dict[int, tuple[int, int]]] = {}
         self._orphans: list[dict[bytes, tuple[int, int]]] = [{} for _ in range(n)]
+        # Superseded versions each store keeps outside its layout (rule 7),
+        # as records of the path at that version, whatever the source has
+        # at that path now.
+        self._kept: list[dict[FileRecord, None]] = [{} for _ in range(n)]
         self._pending: list[dict[bytes, tuple[int, int]]] = [{} for _ in range(n)]
         self._tell_stale: list[dict[bytes, None]] = [{} for _ in range(n)]
         self._tell_orphans: list[dict[bytes, None]] = [{} for _ in range(n)]
@@ -938,10 +943,14 @@ class Ledger:
         used: Optional[int] = None,
         quota: Optional[int] = None,
         vet: Optional[Callable[[list[bytes]], object]] = None,
+        kept: Iterable[FileRecord] = (),
+        unkept: Iterable[FileRecord] = (),
     ) -> ReportAnswer:
         """
         C{store} holds C{held} (L{FileRecord}s or L{Records}, at their
-        versions) and no longer holds C{removed}; renews its lease.  Answers
+        versions) and no longer holds C{removed}; renews its lease.  It
+        keeps the superseded versions C{kept} outside its layout (an
+        inventory lists them all) and no longer keeps C{unkept}.  Answers
         which reported paths are at a stale version and which are orphans
         (plus any learned since its last answer, e.g. from a rescan).  Paths
         unknown before the first complete scan are kept aside and answered
@@ -973,11 +982,23 @@ class Ledger:
             self._remove_each(s, removed, inventory)
         if held.paths and not self._report_bulk(s, held, held_ids, inventory):
             self._report_each(s, held, inventory)
+        self._keep(s, kept, unkept, inventory)
         if used is not None:
             self._used[s] = used
         if quota is not None:
             self._quota[s] = quota
         return self._answer(s)
+
+    def _keep(self, s: int, kept: Iterable[FileRecord], unkept: Iterable[FileRecord],
+              inventory: Optional[_Inventory]) -> None:
+        """Record the versions C{s} keeps (during an inventory: all it keeps)."""
+        into = inventory.kept if inventory is not None else self._kept[s]
+        for r in Records.of(kept):
+            into[r] = None
+        for r in Records.of(unkept):
+            self._kept[s].pop(r, None)
+            if inventory is not None:
+                inventory.kept.pop(r, None)
 
     def _known(self, paths: list[bytes]) -> Optional[list[int]]:
         """The ids of C{paths} if the ledger knows each of them, else None."""
@@ -1217,6 +1238,7 @@ class Ledger:
             for path in [p for p in d if p not in inventory.paths]:
                 del d[path]
                 self._tell_orphans[s].pop(path, None)
+        self._kept[s] = inventory.kept
         self._inventoried.add(s)
         self._tick()  # safemode may end now
         return self._answer(s)
@@ -1495,11 +1517,11 @@ class Ledger:
         A current copy may go only while at least C{copies} live current
         copies remain on other hosts (claims do not count); the grant takes
         effect at once, so two stores can never both drop the last surplus
-        copy.  An orphan (a file the source no longer has) may go only
-        while a live store on another host keeps the same version of it
-        (DESIGN.md rule 7: the cluster keeps at least one copy of every
-        orphan; the client deletes one past C{keep deleted} without
-        asking).  Stale copies may always go.  Nothing in safemode.
+        copy.  An orphan (a file the source no longer has) or a stale copy
+        (a version it replaced) may go only while a live store on another
+        host keeps the same version (DESIGN.md rule 7: the cluster keeps at
+        least one copy of every orphan; the client deletes one past C{keep
+        deleted} without asking).  Nothing in safemode.
         """
         s = self._store(store)
         self._tick()
@@ -1516,25 +1538,62 @@ class Ledger:
         for path in paths:
             i = self._ids.get(path)
             if i is None:
-                if path in orphans and self._orphan_kept_elsewhere(s, path, orphans[path]):
+                if path in orphans and self._kept_elsewhere(s, path, orphans[path]):
                     del orphans[path]
                     self._tell_orphans[s].pop(path, None)
                     granted.append(path)
-            elif self._drop_stale(i, s) is not None:
-                self._tell_stale[s].pop(path, None)
-                granted.append(path)
+            elif i in self._stale and s in self._stale[i]:
+                if self._kept_elsewhere(s, path, self._stale[i][s]):
+                    self._drop_stale(i, s)
+                    self._tell_stale[s].pop(path, None)
+                    granted.append(path)
             elif self._holders[i] & bit:
                 if self._hosts_in(self._holders[i] & self._live & others) >= self.copies:
                     self._unhold(i, s)
                     granted.append(path)
         return granted
 
-    def _orphan_kept_elsewhere(self, s: int, path: bytes, version: tuple[int, int]) -> bool:
-        """Whether a live store on another host than C{s}'s holds orphan C{path} at C{version}."""
+    def drop_kept(self, store: str, kept: Iterable[FileRecord]) -> list[FileRecord]:
+        """
+        C{store} asks to delete superseded versions it keeps; grant those a
+        live store on another host keeps too (DESIGN.md rule 7), at once, so
+        two stores can never both drop the last copy of a version.  A version
+        the store did not report keeping is not granted.  Nothing in
+        safemode.
+        """
+        s = self._store(store)
+        self._tick()
+        if self._safe:
+            return []
+        mine = self._kept[s]
+        granted = []
+        for r in Records.of(kept):
+            if r in mine and self._kept_elsewhere(s, r.path, (r.size, r.mtime)):
+                del mine[r]
+                granted.append(r)
+        return granted
+
+    def _kept_elsewhere(self, s: int, path: bytes, version: tuple[int, int]) -> bool:
+        """
+        Whether a live store on another host than C{s}'s holds C{path} at
+        C{version}: as the current version, a stale copy, an orphan, or a
+        kept version.
+        """
         host = self._hosts[s]
         live = self._live
-        return any(live >> t & 1 and self._hosts[t] != host and kept.get(path) == version
-                   for t, kept in enumerate(self._orphans))
+        others = [t for t in range(len(self._store_ids))
+                  if live >> t & 1 and self._hosts[t] != host]
+        record = FileRecord.unchecked(path, *version)
+        i = self._ids.get(path)
+        if i is not None:
+            if (self._size[i], self._mtime[i]) == version and any(
+                    self._holders[i] >> t & 1 for t in others):
+                return True
+            stale = self._stale.get(i, {})
+            if any(stale.get(t) == version for t in others):
+                return True
+        return any(self._orphans[t].get(path) == version or record in self._kept[t]
+                   for t in others)
 
     # -- status ---------------------------------------------------------------
 

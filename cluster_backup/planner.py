@@ -53,12 +53,18 @@ class Held:
 
 @frozen
 class Orphan:
-    """A file this store holds that its source no longer has."""
+    """
+    A copy this store holds that is no current version of its source: a
+    file the source deleted (C{path} its path in the layout), or a
+    superseded version kept outside the layout (C{of} the path it is an old
+    version of, C{path} the key the store knows it by).
+    """
 
     source: str
     path: bytes
     size: int
     since: float  # when first seen orphaned
+    of: Optional[bytes] = None
 
 
 @frozen
@@ -269,7 +275,14 @@ def _plan(*, free, quota, needs, cost, now, keep_deleted, held, orphans, busy, n
     candidates.sort()
 
     pool: Optional[_Pool] = None  # built when first needed
-    next_young = 0
+    # Old versions of a file, by (source, path): asked for first when that
+    # file needs room, since the store then updates the old copy in place.
+    own: dict[tuple[str, bytes], list[int]] = {}
+    for k, o in enumerate(young):
+        if o.of is not None:
+            own.setdefault((o.source, o.of), []).append(k)
+    taken: set[int] = set()
+    next_young = 0  # young[:next_young] are all taken
     closed = False  # drops were requested: fetch nothing more this round
     for _, _, _, c, source, need in candidates:
         if c > quota:
@@ -280,14 +293,21 @@ def _plan(*, free, quota, needs, cost, now, keep_deleted, held, orphans, busy, n
             room -= c
             continue
         # Room must be asked for: young orphans (only for a file below its
-        # copies, oldest first), then surplus copies.
+        # copies: its own old versions, then oldest first), then surplus.
         short = c - (0 if closed else room)
-        orphans_taken = 0
+        asked: list[int] = []
         freed = 0
         if need.copies < need.wanted:
-            while freed < short and next_young + orphans_taken < len(young):
-                freed += young[next_young + orphans_taken].size
-                orphans_taken += 1
+            for k in own.get((source, need.path), ()):
+                if freed < short and k not in taken:
+                    asked.append(k)
+                    freed += young[k].size
+            k = next_young
+            while freed < short and k < len(young):
+                if k not in taken and k not in asked:
+                    asked.append(k)
+                    freed += young[k].size
+                k += 1
         chosen: Optional[list[Held]] = []
         if freed < short:
             if pool is None:
@@ -296,11 +316,14 @@ def _plan(*, free, quota, needs, cost, now, keep_deleted, held, orphans, busy, n
             chosen = pool.take(need, rest) if rest <= pool.bytes else None
             if chosen is None:
                 continue  # cannot be made to fit now: a smaller one may
-        for o in young[next_young:next_young + orphans_taken]:
+        for k in asked:
+            o = young[k]
+            taken.add(k)
             result.drops.append(Drop(
                 o.source, o.path, f"orphan, room for {need.path!r} (below copies)",
                 source, need.path))
-        next_young += orphans_taken
+        while next_young in taken:
+            next_young += 1
         for h in chosen:
             why = ("below copies" if need.copies < need.wanted
                    else f"{need.copies} copies vs {h.copies}")

@@ -527,6 +527,13 @@ class Report(_Command):
     C{""}..., C{"end"}; a one-report inventory is marked C{"start+end"}.
     An unmarked (C{""}) report outside an inventory is a delta.
 
+    C{kept} lists superseded versions the store keeps outside its layout
+    (DESIGN.md rule 7: a copy the source replaced is kept for C{keep
+    deleted}), each a record of the source path at its old size and mtime:
+    in an inventory every one of them, in a delta those newly kept.
+    C{unkept} lists kept versions the store deleted (a delta only).  Both
+    are optional and checked like C{files}.
+
     The answer lists C{stale} paths (held at an old version) and C{orphans}
     (no longer in the source).  When they would not fit in one answer the
     rest is kept for this connection and C{more} is true: the client sends
@@ -544,6 +551,8 @@ class Report(_Command):
         (b"inventory", amp.Unicode()),
         (b"used", amp.Integer(optional=True)),
         (b"quota", amp.Integer(optional=True)),
+        (b"kept", RecordList(optional=True, chunked=True)),
+        (b"unkept", RecordList(optional=True, chunked=True)),
     ]
     response = [
         (b"stale", PathList()),
@@ -666,6 +675,25 @@ class Release(_Command):
     errors = _STORE_ERRORS
 
 
+class DropKept(_Command):
+    """
+    Ask to delete superseded versions C{store} keeps of C{source}'s files
+    (those it reported as C{kept} in a L{Report}); C{granted} are the ones it
+    may delete.  The server grants one only while another live host keeps
+    the same version (DESIGN.md rule 7), and nothing in safemode.  A
+    version the server does not know the store keeps is not granted.
+    """
+
+    commandName = b"drop-kept"
+    arguments = [
+        (b"source", amp.Unicode()),
+        (b"store", amp.Unicode()),
+        (b"kept", RecordList()),
+    ]
+    response = [(b"granted", RecordList())]
+    errors = _STORE_ERRORS
+
+
 class Status(_Command):
     """
     A page of the server's status: C{statuses} is a JSON list of objects,
@@ -704,7 +732,8 @@ class Accept(_Command):
 COMMANDS = {
     c.commandName: c
     for c in (
-        Hello, Authenticate, Report, ListNeeds, ListSurplus, Claim, Release, Status, Accept
+        Hello, Authenticate, Report, ListNeeds, ListSurplus, Claim, Release, DropKept,
+        Status, Accept
     )
 }
 

@@ -378,12 +378,16 @@ class LedgerAPI(Protocol):
         used: Optional[int] = None,
         quota: Optional[int] = None,
         vet: Optional[Callable[[list[bytes]], object]] = None,
+        kept: Iterable[FileRecord] = (),
+        unkept: Iterable[FileRecord] = (),
     ) -> ReportAnswer:
         """
-        Apply a store's report.  C{vet}, when given, is called with each of
-        C{held}'s paths and C{removed} that names a path the ledger does not
-        know (a ledger may call it with any), before the report changes
-        anything: the server leaves a report's paths unchecked until then.
+        Apply a store's report (C{kept} and C{unkept}: superseded versions
+        it keeps outside its layout, see L{cluster_backup.protocol.Report}).
+        C{vet}, when given, is called with each of C{held}'s paths and
+        C{removed} that names a path the ledger does not know (a ledger may
+        call it with any), before the report changes anything: the server
+        leaves a report's paths unchecked until then.
         """
         ...
 
@@ -420,6 +424,8 @@ class LedgerAPI(Protocol):
     def release(self, store: str, paths: Iterable[bytes]) -> None: ...
 
     def drop(self, store: str, paths: Iterable[bytes]) -> list[bytes]: ...
+
+    def drop_kept(self, store: str, kept: Iterable[FileRecord]) -> list[FileRecord]: ...
 
     def knows(self, path: bytes) -> bool: ...
 

@@ -43,6 +43,7 @@ from .protocol import (
     AuthFailed,
     BadArgument,
     Claim,
+    DropKept,
     Hello,
     ListNeeds,
     ListSurplus,
@@ -63,7 +64,7 @@ from .protocol import (
     needs_fitting,
     path_size,
 )
-from .records import FileRecord, LedgerAPI, Need, Needs
+from .records import FileRecord, LedgerAPI, Need, Needs, Records
 
 log = Logger()
 
@@ -357,6 +358,8 @@ class ServerProtocol(amp.AMP):
         inventory: str,
         used: Optional[int] = None,
         quota: Optional[int] = None,
+        kept: Optional[Records] = None,
+        unkept: Optional[Records] = None,
     ) -> dict:
         ledger = self._ledger_for(source, store)
         if inventory not in INVENTORY_MARKS:
@@ -372,7 +375,8 @@ class ServerProtocol(amp.AMP):
                 ledger.inventory_started(store)
             # The ledger has the names it does not know checked (a path it
             # knows came from a scan), before it changes anything.
-            answers.append(ledger.report(store, files, removed, used, quota, vet=check_paths))
+            answers.append(ledger.report(store, files, removed, used, quota, vet=check_paths,
+                                         kept=kept or (), unkept=unkept or ()))
             if inventory.endswith("end"):
                 answers.append(ledger.inventory_finished(store))
         stale, orphans = self._unanswered.setdefault((source, store), (deque(), deque()))
@@ -483,6 +487,15 @@ class ServerProtocol(amp.AMP):
             granted=len(granted),
             asked=len(paths),
         )
+        return dict(granted=granted)
+
+    @DropKept.responder
+    def drop_kept(self, source: str, store: str, kept: Records) -> dict:
+        ledger = self._ledger_for(source, store)
+        with _ledger_errors():
+            granted = list(ledger.drop_kept(store, kept))
+        log.info("{store} may drop {granted} of {asked} kept versions of {source}",
+                 store=store, source=source, granted=len(granted), asked=len(kept))
         return dict(granted=granted)
 
     @Accept.responder

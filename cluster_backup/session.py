@@ -36,6 +36,7 @@ from .protocol import (
     AuthFailed,
     Chunks,
     Claim,
+    DropKept,
     Hello,
     ListNeeds,
     ListSurplus,
@@ -97,24 +98,27 @@ async def login(
     return server
 
 
-async def _send_reports(proto, source, store, pages, used, quota) -> ReportAnswer:
+async def _send_reports(proto, source, store, sends: list[dict], used, quota) -> ReportAnswer:
     """
-    Send one L{Report} per C{(files, removed, mark)} page, then empty deltas
-    while the server says it has C{more} to answer; gather the answers.
+    Send one L{Report} per item of C{sends} (its lists and inventory mark),
+    then empty deltas while the server says it has C{more} to answer;
+    gather the answers.
     """
     stale: list[bytes] = []
     orphans: list[bytes] = []
     more = False
-    for files, removed, mark in pages:
+    for send in sends:
+        lists = {k: v for k, v in send.items() if k in ("kept", "unkept") and v}
         answer = await proto.callRemote(
             Report,
             source=source,
             store=store,
-            files=files,
-            removed=removed,
-            inventory=mark,
+            files=send.get("files", []),
+            removed=send.get("removed", []),
+            inventory=send.get("inventory", ""),
             used=used,
             quota=quota,
+            **lists,
         )
         stale.extend(answer["stale"])
         orphans.extend(answer["orphans"])
@@ -150,15 +154,19 @@ async def report_inventory(
     used: Optional[int] = None,
     quota: Optional[int] = None,
     budget: int = PAGE_BUDGET,
+    kept: Iterable[FileRecord] = (),
 ) -> ReportAnswer:
     """
     Report C{store}'s full inventory of C{source} in pages (one page marked
-    C{"start+end"} when it fits, or when empty); fires with every stale and
-    orphaned path the server answered.
+    C{"start+end"} when it fits, or when empty), with every superseded
+    version it C{kept}; fires with every stale and orphaned path the server
+    answered.
     """
-    boxes = _boxes(page_records(records, budget)) or [[]]
-    marks = inventory_marks(len(boxes))
-    sends = [(files, [], mark) for files, mark in zip(boxes, marks)]
+    sends = [dict(files=files) for files in _boxes(page_records(records, budget))]
+    sends += [dict(kept=box) for box in _boxes(page_records(kept, budget))]
+    sends = sends or [{}]
+    for send, mark in zip(sends, inventory_marks(len(sends))):
+        send["inventory"] = mark
     return await _send_reports(proto, source, store, sends, used, quota)
 
 
@@ -172,16 +180,38 @@ async def report_delta(
     used: Optional[int] = None,
     quota: Optional[int] = None,
     budget: int = PAGE_BUDGET,
+    kept: Iterable[FileRecord] = (),
+    unkept: Iterable[FileRecord] = (),
 ) -> ReportAnswer:
     """
     Report changes since the last report (at least one L{Report}, which
-    renews the lease); fires with the stale and orphaned paths answered.
+    renews the lease): files newly C{held} and C{removed}, superseded
+    versions newly C{kept} and deleted (C{unkept}); fires with the stale
+    and orphaned paths answered.
     """
     pairs = zip_longest(
         _boxes(page_records(held, budget)), _boxes(page_paths(removed, budget)), fillvalue=[]
     )
-    sends = [(files, gone, "") for files, gone in pairs] or [([], [], "")]
-    return await _send_reports(proto, source, store, sends, used, quota)
+    sends = [dict(files=files, removed=gone) for files, gone in pairs]
+    sends += [dict(kept=box) for box in _boxes(page_records(kept, budget))]
+    sends += [dict(unkept=box) for box in _boxes(page_records(unkept, budget))]
+    return await _send_reports(proto, source, store, sends or [{}], used, quota)
+
+
+@_deferred
+async def drop_kept(
+    proto: amp.AMP,
+    source: str,
+    store: str,
+    kept: Iterable[FileRecord],
+    budget: int = PAGE_BUDGET,
+) -> list[FileRecord]:
+    """Ask to delete superseded versions C{store} keeps, in pages; fires with those granted."""
+    granted: list[FileRecord] = []
+    for page in page_records(kept, budget):
+        answer = await proto.callRemote(DropKept, source=source, store=store, kept=page)
+        granted.extend(answer["granted"])
+    return granted
 
 
 def server_endpoint(reactor, address: str, port: int, timeout: float = 10):

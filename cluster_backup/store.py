@@ -33,6 +33,7 @@ existing directory on the way from the store root to a file that is a symlink
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 from typing import Callable, Iterable, Mapping, Optional, Union
@@ -45,6 +46,14 @@ from .records import FileRecord, relpath_problem
 log = Logger()
 
 STATE = b".cbackup"
+#: Superseded versions kept for keep deleted (rule 7), outside the layout:
+#: C{<store>/.cbackup-kept/<mtime>.<size>/<source host>/<source path>/<relpath>}.
+KEPT = b".cbackup-kept"
+#: A kept version folder's name: C{<mtime>.<size>} of the version.
+_VERSION = re.compile(rb"^(-?[0-9]{1,20})\.([0-9]{1,20})$")
+#: Where a kept version is updated in place (rsync --inplace) before it
+#: goes back into the layout; emptied at start like partial/.
+UPDATE = b"update"
 PARTIAL = b"partial"
 TMP = b"tmp"
 #: rsync's C{--files-from} lists (L{transfer.RsyncTransfer}) in the state dir.
@@ -202,10 +211,11 @@ class Store:
         self.state_dir = os.path.join(self.root, STATE)
         self.partial_dir = os.path.join(self.state_dir, PARTIAL)
         self.temp_dir = os.path.join(self.state_dir, TMP)
+        self.update_dir = os.path.join(self.state_dir, UPDATE)
         self._orphans_file = os.path.join(self.state_dir, ORPHANS)
         if not os.path.isdir(self.root):
             os.mkdir(self.root)  # its parent must exist: no mkdir -p of a typo
-        for d in (self.state_dir, self.partial_dir, self.temp_dir):
+        for d in (self.state_dir, self.partial_dir, self.temp_dir, self.update_dir):
             st = _lstat(d)
             if st is None:
                 os.mkdir(d, 0o700)
@@ -213,6 +223,9 @@ class Store:
                 raise StoreError(f"{d!r} exists and is not a directory")
         #: source id -> relpath -> record, as on disk (after L{inventory}).
         self.files: dict[str, dict[bytes, FileRecord]] = {}
+        #: source id -> superseded version kept -> its version folder name
+        #: (see L{KEPT}), as on disk (after L{inventory}).
+        self.kept: dict[str, dict[FileRecord, bytes]] = {}
         #: (files, bytes) under the store that belong to no configured source.
         self.unknown_files = 0
         self.unknown_bytes = 0
@@ -322,10 +335,18 @@ class Store:
         the first time.
         """
         self._sources = list(sources)
-        owners = {
-            b"/".join(_source_parts(s.host, s.path)): _source_id(s) for s in self._sources
+        # Folder (store-relative) -> (source id, None for the layout or the
+        # kept version folder's name).
+        owners: dict[bytes, tuple[str, Optional[bytes]]] = {
+            b"/".join(_source_parts(s.host, s.path)): (_source_id(s), None)
+            for s in self._sources
         }
-        self.files = {sid: {} for sid in owners.values()}
+        for version in self._kept_versions():
+            for s in self._sources:
+                prefix = b"/".join([KEPT, version] + _source_parts(s.host, s.path))
+                owners[prefix] = (_source_id(s), version)
+        self.files = {_source_id(s): {} for s in self._sources}
+        self.kept = {_source_id(s): {} for s in self._sources}
         self._dirs = {}
         self._file_bytes = 0
         self.unknown_files = self.unknown_bytes = 0
@@ -371,7 +392,11 @@ class Store:
                     if len(self.unknown_sample) < 20:
                         self.unknown_sample.append(rel)
                 else:
-                    self.files[owner][record.path] = record
+                    sid, version = owner
+                    if version is None:
+                        self.files[sid][record.path] = record
+                    else:
+                        self.kept[sid][record] = version
                     self._file_bytes += st.st_size
         self._state_bytes = tree_usage(self.state_dir)
         self._recount()
@@ -601,7 +626,7 @@ class Store:
         (leftovers of interrupted transfers, or of a killed client).  Call
         it only while no rsync runs for this store.
         """
-        for folder in (self.partial_dir, self.temp_dir):
+        for folder in (self.partial_dir, self.temp_dir, self.update_dir):
             with os.scandir(folder) as it:
                 entries = list(it)
             for entry in entries:
@@ -615,6 +640,153 @@ class Store:
         for path in lists:
             os.unlink(path)
         self.measure_state()
+
+    # --- kept versions (rule 7) --------------------------------------------
+
+    def _kept_versions(self) -> list[bytes]:
+        """The version folders under L{KEPT} (names that are not one are left alone)."""
+        try:
+            with os.scandir(os.path.join(self.root, KEPT)) as it:
+                return [os.fsencode(e.name) for e in it
+                        if _VERSION.match(os.fsencode(e.name)) and e.is_dir(follow_symlinks=False)]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def _kept_parts(self, host: str, spath: str, record: FileRecord,
+                    version: Optional[bytes] = None) -> list[bytes]:
+        """Store-relative parts of where C{record} is kept (see L{KEPT})."""
+        if version is None:
+            version = b"%d.%d" % (record.mtime, record.size)
+        return [KEPT, version] + _source_parts(host, spath) + record.path.split(b"/")
+
+    def _checked_parents(self, parts: list[bytes], relpath: bytes) -> tuple[bytes, int]:
+        problem = relpath_problem(relpath)
+        if problem is not None:
+            raise StoreError(f"refusing path {relpath!r}: {problem}")
+        current, missing = self._walk_parents(parts[:-1], relpath)
+        return os.path.join(current, parts[-1]), missing
+
+    def keep_cost(self, source_host: str, source_path: str, relpath: bytes) -> int:
+        """
+        An upper bound on what moving the layout copy of C{relpath} into
+        L{KEPT} adds to usage: the folders it needs there, and an entry in
+        each (the file's own bytes only move).
+        """
+        record = self.files.get(f"{source_host}:{source_path}", {}).get(relpath)
+        if record is None or self.dir_costs is None:
+            return 0
+        _, missing = self._checked_parents(
+            self._kept_parts(source_host, source_path, record), relpath)
+        c = self.dir_costs
+        return missing * c.new_dir + (missing + 1) * c.entry
+
+    def keep(self, source_host: str, source_path: str, relpath: bytes,
+             now: float) -> Optional[FileRecord]:
+        """
+        Move the layout copy of C{relpath} (a version the source replaced)
+        into L{KEPT}, as an orphan first seen C{now}; returns its record, or
+        None when the layout has no such copy.  The layout then has no copy
+        of C{relpath}.
+        """
+        sid = f"{source_host}:{source_path}"
+        record = self.files.get(sid, {}).get(relpath)
+        if record is None:
+            return None
+        parts = self._kept_parts(source_host, source_path, record)
+        target, missing = self._checked_parents(parts, relpath)
+        source = self.path_of(source_host, source_path, relpath)
+        if missing:
+            os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+        os.rename(source, target)
+        self.files[sid].pop(relpath)
+        self.kept.setdefault(sid, {})[record] = parts[1]
+        self._refresh_dirs(parts[:-1])
+        top = _source_parts(source_host, source_path)
+        self._prune(top + relpath.split(b"/")[:-1], len(top), 0)
+        self.mark_orphans(sid, [kept_key(record)], now)
+        return record
+
+    def remove_kept(self, source_host: str, source_path: str, record: FileRecord) -> int:
+        """
+        Delete a kept version and the folders it leaves empty (up to
+        L{KEPT}); returns the bytes freed.  A missing one is not an error.
+        """
+        before = self.used
+        sid = f"{source_host}:{source_path}"
+        version = self.kept.get(sid, {}).pop(record, None)
+        parts = self._kept_parts(source_host, source_path, record, version)
+        path, missing = self._checked_parents(parts, record.path)
+        st = _lstat(path)
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            os.unlink(path)
+        if version is not None:
+            self._file_bytes -= record.size
+            self._used -= record.size
+        self._prune(parts[:-1], 1, missing)
+        self.unmark(sid, [kept_key(record)])
+        return before - self.used
+
+    def take_for_update(self, source_host: str, source_path: str,
+                        record: FileRecord) -> bytes:
+        """
+        Move a kept version into the update folder (L{UPDATE}), at
+        C{<update>/<source host>/<source path>/<relpath>}, to be rewritten
+        there in place by rsync and then put in the layout with
+        L{finish_update}; returns the update folder of the source.
+        """
+        sid = f"{source_host}:{source_path}"
+        version = self.kept[sid].pop(record)
+        parts = self._kept_parts(source_host, source_path, record, version)
+        path, _ = self._checked_parents(parts, record.path)
+        dest_root = os.path.join(self.update_dir, *_source_parts(source_host, source_path))
+        target = os.path.join(dest_root, record.path)
+        os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+        os.rename(path, target)
+        self._file_bytes -= record.size
+        self._used -= record.size
+        self._prune(parts[:-1], 1, 0)
+        self.unmark(sid, [kept_key(record)])
+        self.measure_state()
+        return dest_root
+
+    def finish_update(self, source_host: str, source_path: str,
+                      relpaths: Iterable[bytes]) -> None:
+        """
+        Put files rewritten in the update folder (L{take_for_update}) into
+        the layout; those missing there (the update failed) are skipped.
+        Call L{refresh_many} for them afterwards, as after any fetch.
+        """
+        dest_root = os.path.join(self.update_dir, *_source_parts(source_host, source_path))
+        for relpath in relpaths:
+            updated = os.path.join(dest_root, relpath)
+            if _lstat(updated) is None:
+                continue
+            target, missing = self._target(source_host, source_path, relpath)
+            if missing:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.rename(updated, target)
+        self.measure_state()
+
+    def clean_update(self, source_host: str, source_path: str) -> None:
+        """Empty the update folder of a source (what an update left unfinished)."""
+        dest_root = os.path.join(self.update_dir, *_source_parts(source_host, source_path))
+        if _lstat(dest_root) is not None:
+            shutil.rmtree(dest_root)
+        self.measure_state()
+
+    def _prune(self, parts: list[bytes], keep: int, missing: int) -> None:
+        """
+        Remove the empty folders of C{parts} (store-relative), deepest first,
+        keeping the first C{keep}; then re-measure the folders left.
+        """
+        while len(parts) > keep and not missing:
+            try:
+                os.rmdir(os.path.join(self.root, *parts))
+            except OSError:
+                break
+            self._used -= self._dirs.pop(b"/".join(parts), 0)
+            parts = parts[:-1]
+        self._refresh_dirs(parts)
 
     # --- orphans -----------------------------------------------------------
 
@@ -698,6 +870,15 @@ class Store:
         self.orphans_persisted = True
         if self._used is not None:
             self.measure_state()
+
+
+def kept_key(record: FileRecord) -> bytes:
+    """
+    The orphan mark key of a kept version: C{<mtime>.<size>} and its path
+    joined by a NUL, which no relative path holds, so a kept version's mark
+    never meets a layout orphan's.
+    """
+    return b"%d.%d\0%s" % (record.mtime, record.size, record.path)
 
 
 def _lstat(path: bytes) -> Optional[os.stat_result]:

@@ -224,10 +224,18 @@ def build_argv(
     local: bool,
     temp_dir: Optional[str] = None,
     dry_run: bool = False,
+    inplace: bool = False,
 ) -> list[str]:
     """
     The argv of one batch fetch (no password: that travels in the
     environment as C{RSYNC_PASSWORD}).
+
+    With C{inplace}, rsync rewrites the files already in C{dest_dir} in
+    place, with them as the basis of its delta transfer (C{--inplace}, which
+    takes no C{--partial-dir}): a store's update folder, where a kept old
+    version is turned into the new one using no more room than the larger
+    of the two (DESIGN.md rule 7).  An interrupted run leaves a mixed file
+    there, which is never counted and is removed at the next start.
 
     With C{dry_run} nothing is written: rsync's quick check (size and
     mtime, no C{--ignore-times}) lists the paths whose copy in C{dest_dir}
@@ -265,10 +273,12 @@ def build_argv(
         "--mkpath",  # create <store>/<host>/<path> if missing
         "--from0",
         f"--files-from={files_from}",
-        f"--partial-dir={partial_dir}",
+        "--inplace" if inplace else f"--partial-dir={partial_dir}",
         f"--timeout={timeout}",
         f"--out-format={OUT_FORMAT}",
     ]
+    if inplace and local:
+        argv.append("--no-whole-file")  # a local copy is whole by default
     if temp_dir is not None:
         argv.append(f"--temp-dir={temp_dir}")
     if bwlimit is not None:
@@ -326,6 +336,20 @@ class TransferResult:
     started: float = 0.0
 
 
+#: Worst last: how two runs of one batch end together (L{combined}).
+_STATUS_ORDER = ("ok", "partial", "failed", "cancelled")
+
+
+def combined(a: TransferResult, b: TransferResult) -> TransferResult:
+    """Two runs of one batch (say, a fetch and an in-place update) as one result."""
+    worst = max(a, b, key=lambda r: _STATUS_ORDER.index(r.status)
+                if r.status in _STATUS_ORDER else len(_STATUS_ORDER))
+    return TransferResult(
+        worst.exit_code, worst.status, a.transferred | b.transferred, a.errors + b.errors,
+        a.seconds + b.seconds, a.bytes + b.bytes, a.wire_bytes + b.wire_bytes,
+        min(a.started, b.started))
+
+
 class _RsyncProcessProtocol(ProcessProtocol):
     """Splits rsync's output into lines for its L{RsyncTransfer}."""
 
@@ -378,6 +402,7 @@ class RsyncTransfer:
     rsync: Optional[str] = None
     temp_dir: Optional[str] = None
     dry_run: bool = False
+    inplace: bool = False
     _deferred: Optional[Deferred] = field(init=False, default=None)
     _transport: object = field(init=False, default=None)
     listing: bytes = field(init=False, default=b"")
@@ -409,6 +434,7 @@ class RsyncTransfer:
             local=local,
             temp_dir=self.temp_dir,
             dry_run=self.dry_run,
+            inplace=self.inplace,
         )
         env = {"PATH": os.environ.get("PATH", os.defpath), "LANG": "C"}
         if self.password is not None:
@@ -491,7 +517,7 @@ def fetch(reactor, **kwargs) -> tuple[Deferred, Callable[[], None]]:
     L{Deferred} and its C{cancel}.  Keywords: C{source_url}, C{password},
     C{dest_dir}, C{paths} (relative bytes), C{partial_dir},
     C{bwlimit=None} (bytes/s), C{timeout=600}, C{kill_after=10.0},
-    C{rsync=None}, C{temp_dir=None}, C{dry_run=False}.
+    C{rsync=None}, C{temp_dir=None}, C{dry_run=False}, C{inplace=False}.
     """
     transfer = RsyncTransfer(reactor, **kwargs)
     return transfer.start(), transfer.cancel

@@ -90,12 +90,14 @@ def _reference_pass(*, free, quota, needs, cost, now, keep_deleted, held, orphan
             room -= c
             continue
         # Ask for room: young orphans only for a file below its copies
-        # (oldest first), then surplus copies it may swap with.
+        # (its own old versions first, then oldest first), then surplus
+        # copies it may swap with.
         short = c - (0 if closed else room)
         below = need.copies < need.wanted
         takes_orphans = []
         freed = 0
-        for o in (young if below else []):
+        mine = [o for o in young if (o.source, o.of) == (source, need.path)]
+        for o in (mine + [o for o in young if o not in mine] if below else []):
             if freed >= short:
                 break
             takes_orphans.append(o)

@@ -553,10 +553,13 @@ class VersionTests(SynchronousTestCase):
         self.assertEqual(ledger.status().histogram, {0: [1, 10]})
         self.assertEqual({s.store: s.files for s in ledger.store_status()}["b:/1"], 0)
 
-    def test_stale_copies_can_always_be_dropped(self):
+    def test_stale_copies_go_while_another_host_keeps_the_version(self):
         ledger, _ = make(copies=2, files=[rec(b"f", 10, 1), rec(b"g")])
         ledger.report("b:/1", [rec(b"f", 10, 9)])
+        self.assertEqual(ledger.drop("b:/1", [b"f"]), [])  # the last copy of that version
+        ledger.report("c:/1", [], kept=[rec(b"f", 10, 9)])
         self.assertEqual(ledger.drop("b:/1", [b"f"]), [b"f"])
+        self.assertEqual(ledger.drop_kept("c:/1", [rec(b"f", 10, 9)]), [])  # now c's is
 
     def test_the_last_copy_of_an_orphan_stays(self):
         """Rule 7: within keep deleted the cluster keeps one copy of each orphan."""
@@ -822,11 +825,11 @@ class InventoryTests(SynchronousTestCase):
         self.assertEqual(ledger.status().histogram, {0: [4, 50], 1: [2, 20]})
         self.assertEqual({n.path for n in needs_all(ledger, "c:/1")},
                          {b"f1", b"f4", b"f5", b"new", b"f2", b"f3"})
-        # What b reported and still has may go: the stale copy, and the
-        # orphan once another host keeps it too (rule 7).
-        self.assertEqual(ledger.drop("b:/1", [b"f0", b"f1"]), [b"f1"])
-        ledger.report("c:/1", [rec(b"f0")])
-        self.assertEqual(ledger.drop("b:/1", [b"f0"]), [b"f0"])
+        # What b reported and still has may go once another host keeps
+        # that version too (rule 7): the orphan and the stale copy.
+        self.assertEqual(ledger.drop("b:/1", [b"f0", b"f1"]), [])
+        ledger.report("c:/1", [rec(b"f0")], kept=[rec(b"f1")])
+        self.assertEqual(ledger.drop("b:/1", [b"f0", b"f1"]), [b"f0", b"f1"])
         self.assertEqual(ledger.drop("b:/1", [b"new"]), [])
 
     def test_new_inventory_drops_the_stores_claims(self):
@@ -1539,11 +1542,12 @@ class ModelTests(SynchronousTestCase):
             self.assertRaises(UnknownPath, ledger.drop, store, [path])
             return
         others = model.hosts(path, exclude_host=STORES[store])
-        if path in model.current:  # current (rule 4) or stale (always)
-            may = not model.holds(store, path) or len(others) >= COPIES
-        else:  # an orphan: another live host keeps that version (rule 7)
-            may = any(self.live(model, t) and STORES[t] != STORES[store]
-                      and model.truth[t].get(path) == held[path] for t in STORES)
+        if model.holds(store, path):  # current: rule 4
+            may = len(others) >= COPIES
+        else:  # stale or an orphan: another live host keeps that version (rule 7)
+            may = path in held and any(
+                self.live(model, t) and STORES[t] != STORES[store]
+                and model.truth[t].get(path) == held[path] for t in STORES)
         expected = not model.safe and path in held and may
         granted = ledger.drop(store, [path])
         self.assertEqual(granted, [path] if expected else [])

@@ -50,7 +50,7 @@ def scenarios(draw):
         for s, p in draw(st.lists(st.tuples(st.sampled_from(sources), paths),
                                   unique=True, max_size=5))
         if (s, p) not in held_keys
-    ]
+    ] + kept_versions(draw, sources, paths, st.integers(0, 800))
     keys = [(s, n.path) for s, ns in needs for n in ns]
     busy = set(draw(st.lists(st.sampled_from(keys), max_size=4))) if keys else set()
     no_drop = (set(draw(st.lists(st.sampled_from(sorted(held_keys)), max_size=3)))
@@ -62,6 +62,15 @@ def scenarios(draw):
     return dict(free=free, quota=quota, needs=needs, held=held, orphans=orphans,
                 busy=busy, no_drop=no_drop, keep_deleted=keep, now=NOW,
                 cost=flat_cost(overhead), hold_fill=draw(st.booleans()))
+
+
+def kept_versions(draw, sources, paths, sizes) -> list:
+    """Superseded versions kept (rule 7): orphans of a path, possibly one offered."""
+    return [
+        Orphan(s, b"%d\0" % n + p, draw(sizes), draw(st.floats(0, NOW)), of=p)
+        for n, (s, p) in enumerate(draw(st.lists(st.tuples(st.sampled_from(sources), paths),
+                                                 max_size=3)))
+    ]
 
 
 @st.composite
@@ -92,7 +101,7 @@ def full_stores(draw):
         for s, p in draw(st.lists(st.tuples(st.sampled_from(sources), many),
                                   unique=True, max_size=4))
         if (s, p) not in held_keys
-    ]
+    ] + kept_versions(draw, sources, many, sizes)
     no_drop = (set(draw(st.lists(st.sampled_from(sorted(held_keys)), max_size=4)))
                if held_keys else set())
     keep = {s: draw(st.floats(0, 2 * NOW)) for s in sources if draw(st.booleans())}
@@ -376,6 +385,14 @@ class ExampleTests(unittest.SynchronousTestCase):
                       orphans=[Orphan("h1:/a", b"o", 100, 1.0)],
                       needs=[("h1:/a", [need(b"extra", 100, copies=2, wanted=2)])])
         self.assertEqual((p.drops, p.delete_orphans, p.fetch, p.waiting), ([], [], [], []))
+
+    def test_a_files_own_old_version_is_asked_for_first(self):
+        """A store that must make room for a file updates its old version in place."""
+        p = self.plan(free=0, keep_deleted={"h1:/a": 10**9}, orphans=[
+            Orphan("h1:/a", b"older", 100, 1.0),
+            Orphan("h1:/a", b"5.100\0want", 100, 9.0, of=b"want")],
+            needs=[("h1:/a", [need(b"want", 100, copies=1)])])
+        self.assertEqual([d.path for d in p.drops], [b"5.100\0want"])
 
     def test_refused_orphans_are_not_asked_again(self):
         p = self.plan(free=0, keep_deleted={"h1:/a": 10**9},

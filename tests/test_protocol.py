@@ -81,6 +81,7 @@ class FakeLedger:
         self.claims: dict[str, set[bytes]] = {}
         self.calls: list[tuple] = []
         self.extra_stale: list[bytes] = []
+        self.kept: dict[str, set[FileRecord]] = {}
         self.raise_on_report: Optional[Exception] = None
         self._safemode = False
 
@@ -114,8 +115,11 @@ class FakeLedger:
         self.held[store] = {}
 
     def report(self, store, held=(), removed=(), used=None, quota=None,
-               vet=None) -> ReportAnswer:
+               vet=None, kept=(), unkept=()) -> ReportAnswer:
         held, removed = list(held), list(removed)
+        kept_now = self.kept.setdefault(store, set())
+        kept_now.update(kept)
+        kept_now.difference_update(unkept)
         if vet is not None:  # it may vet every path: it did not scan them
             vet([r.path for r in held])
             vet(removed)
