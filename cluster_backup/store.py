@@ -7,10 +7,11 @@ C{<store>/<shost>/<spath without its leading />/<RELPATH>}, so a plain
 C{cp -a} of those folders is a restore.  The store's own state lives in
 C{<store>/.cbackup/}: C{partial/} (rsync's C{--partial-dir}), C{tmp/}
 (rsync's C{--temp-dir}: a file being received never shows in the layout, so
-a killed rsync leaves nothing there that could pass for a copy), C{orphans}
-(when each orphan was first seen, so a restart does not reset the clock) and
-short-lived temp files.  Host names cannot start with a dot (config's
-C{_HOST}), so no source can ever map onto C{.cbackup}.
+a killed rsync leaves nothing there that could pass for a copy),
+C{index.sqlite} (when each orphan was first seen, so a restart does not reset
+the clock; see L{cluster_backup.orphan_index}) and short-lived temp files.
+Host names cannot start with a dot (config's C{_HOST}), so no source can
+ever map onto C{.cbackup}.
 
 Usage (rule 1) is what C{du -sb <store>} prints: the apparent sizes of every
 file, symlink and directory, the store directory and the state directory
@@ -40,6 +41,7 @@ from typing import Callable, Iterable, Mapping, Optional, Union
 from attrs import frozen
 from twisted.logger import Logger
 
+from .orphan_index import OrphanIndex
 from .records import FileRecord, relpath_problem
 
 log = Logger()
@@ -49,6 +51,8 @@ PARTIAL = b"partial"
 TMP = b"tmp"
 #: rsync's C{--files-from} lists (L{transfer.RsyncTransfer}) in the state dir.
 LIST_PREFIX = b"files-from-"
+#: The orphan marks (L{OrphanIndex}), and the text file they were in before.
+INDEX = b"index.sqlite"
 ORPHANS = b"orphans"
 PROBE = b"probe"
 
@@ -229,7 +233,7 @@ class Store:
         self._file_bytes = 0
         self._state_bytes = 0
         self._used: Optional[int] = None
-        self._orphans: dict[tuple[str, bytes], float] = self._load_orphans()
+        self._index = OrphanIndex(os.path.join(self.state_dir, INDEX), self._orphans_file)
         self._parts: dict[tuple[str, str], list[bytes]] = {}  # see _target
 
     @classmethod
@@ -591,7 +595,7 @@ class Store:
             self._used -= self._dirs.pop(rel, 0)
             parents.pop()
         self._refresh_dirs(top + parents)
-        if (sid, relpath) in self._orphans:
+        if (sid, relpath) in self._index.marks:
             self.unmark(sid, [relpath])
         return before - self.used
 
@@ -620,25 +624,17 @@ class Store:
 
     def mark_orphans(self, source_id: str, paths: Iterable[bytes], now: float) -> None:
         """Remember C{now} as the first time each of C{paths} was orphaned."""
-        changed = False
-        for p in paths:
-            if (source_id, p) not in self._orphans:
-                self._orphans[(source_id, p)] = now
-                changed = True
-        if changed:
-            self._save_orphans()
+        self._index.mark(source_id, paths, now)
+        self._save_orphans()
 
     def unmark(self, source_id: str, paths: Iterable[bytes]) -> None:
         """The source has these files again: they are no longer orphans."""
-        changed = False
-        for p in paths:
-            changed |= self._orphans.pop((source_id, p), None) is not None
-        if changed:
-            self._save_orphans()
+        self._index.unmark(source_id, paths)
+        self._save_orphans()
 
     def orphans(self) -> dict[tuple[str, bytes], float]:
         """(source id, relpath) -> when first seen orphaned."""
-        return dict(self._orphans)
+        return dict(self._index.marks)
 
     def expired_orphans(
         self, now: float, keep_deleted: Union[float, Mapping[str, float]]
@@ -648,56 +644,36 @@ class Store:
         source id; a source missing from the mapping never expires).
         """
         out = []
-        for (sid, path), since in sorted(self._orphans.items(), key=lambda kv: kv[1]):
+        for (sid, path), since in sorted(self._index.marks.items(), key=lambda kv: kv[1]):
             keep = keep_deleted.get(sid) if isinstance(keep_deleted, Mapping) else keep_deleted
             if keep is not None and now - since >= keep:
                 out.append((sid, path))
         return out
 
-    def _load_orphans(self) -> dict[tuple[str, bytes], float]:
-        out: dict[tuple[str, bytes], float] = {}
-        try:
-            with open(self._orphans_file, "rb") as f:
-                lines = f.read().splitlines()
-        except FileNotFoundError:
-            return out
-        for n, line in enumerate(lines, 1):
-            try:
-                since, sid, path = line.split(b" ")
-                out[(bytes.fromhex(sid.decode()).decode("utf-8"), bytes.fromhex(path.decode()))] = float(since)
-            except ValueError:
-                log.warn("{file}:{line}: unreadable orphan entry ignored",
-                         file=self._orphans_file, line=n)
-        return out
-
     def _save_orphans(self) -> None:
         """
-        Persist the orphan marks (temp file + rename), only when the
-        transient copy fits under the quota; otherwise keep them in memory
-        (a restart then restarts their clocks: they are kept longer, which
-        is the safe side).
+        Persist the orphan marks' changes (one transaction), only when what
+        that can add to the state dir (L{OrphanIndex.growth}) fits under the
+        quota; otherwise keep them in memory, to be written by a later call
+        that fits (a restart before then restarts their clocks: they are
+        kept longer, which is the safe side).
         """
-        data = b"".join(
-            b"%r %s %s\n" % (since, sid.encode("utf-8").hex().encode(), path.hex().encode())
-            for (sid, path), since in self._orphans.items()
-        )
-        entry = self.dir_costs.entry if self.dir_costs else 4 * 4096
+        if not self._index.dirty:
+            return
         if self._used is not None and self.quota is not None:
-            if self.used + len(data) + 2 * entry > self.quota:
+            if self.used + self._index.growth() > self.quota:
                 if self.orphans_persisted:
                     log.warn("store {store} is full: orphan marks kept in memory only",
                              store=self.root)
                 self.orphans_persisted = False
                 return
-        tmp = self._orphans_file + b".tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._orphans_file)
-        self.orphans_persisted = True
+        self.orphans_persisted = self._index.flush()
         if self._used is not None:
             self.measure_state()
+
+    def close(self) -> None:
+        """Close the orphan index (the store object is not used after this)."""
+        self._index.close()
 
 
 def _lstat(path: bytes) -> Optional[os.stat_result]:

@@ -10,6 +10,7 @@ import subprocess
 import shutil
 
 from attrs import frozen
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial import unittest
 
 from cluster_backup.records import FileRecord
@@ -415,12 +416,169 @@ class OrphanTests(unittest.SynchronousTestCase):
         self.assertEqual(self.store.used, du(self.store.root))
 
     def test_full_store_keeps_marks_in_memory(self):
-        full = Store(self.mktemp(), size=1, dir_costs=DirCosts(4096, 16384))
+        path = self.mktemp()
+        full = Store(path, size=1, dir_costs=DirCosts(4096, 16384))
         full.inventory([DATA])
         full.mark_orphans(DATA.id, [b"x"], now=1.0)
         self.assertFalse(full.orphans_persisted)
         self.assertEqual(full.orphans(), {(DATA.id, b"x"): 1.0})
-        self.assertFalse(os.path.exists(full.state_dir + b"/orphans"))
+        self.assertFalse(os.path.exists(full.state_dir + b"/index.sqlite"))
+        full.close()
+        self.assertEqual(Store(path, size=1).orphans(), {})
+
+    def reopen(self, size=10**9, **kw) -> Store:
+        """Close the store and open it again, inventory taken."""
+        self.store.close()
+        self.store = Store(self.path, size=size, **kw)
+        self.store.inventory([DATA])
+        return self.store
+
+    def test_marks_survive_reopen_with_used_exact(self):
+        names = [b"d%d/" % (i % 7) + NONUTF8 + b"%d" % i for i in range(3000)]
+        self.store.mark_orphans(DATA.id, names[:2000], now=10.0)
+        self.assertTrue(self.store.orphans_persisted)
+        self.assertEqual(self.store.used, self.store.usage())
+        self.store.mark_orphans(DATA.id, names, now=20.0)  # one batch, 1000 new
+        self.store.unmark(DATA.id, names[:500])
+        self.assertEqual(self.store.used, self.store.usage())
+        want = {(DATA.id, n): 10.0 for n in names[500:2000]}
+        want.update({(DATA.id, n): 20.0 for n in names[2000:]})
+        self.assertEqual(self.store.orphans(), want)
+        again = self.reopen()
+        self.assertEqual(again.orphans(), want)
+        self.assertEqual(again.used, again.usage())
+        self.assertEqual(again.used, du(again.root))
+
+    def test_unmark_then_mark_again_takes_the_new_time(self):
+        self.store.mark_orphans(DATA.id, [b"a"], now=1.0)
+        self.store.unmark(DATA.id, [b"a"])
+        self.store.mark_orphans(DATA.id, [b"a"], now=7.0)
+        self.assertEqual(self.reopen().orphans(), {(DATA.id, b"a"): 7.0})
+
+    def write_old_file(self, lines: list[bytes]) -> bytes:
+        old = self.store.state_dir + b"/orphans"
+        with open(old, "wb") as f:
+            f.write(b"".join(line + b"\n" for line in lines))
+        return old
+
+    def test_old_orphans_file_migrated(self):
+        self.store.close()
+        sid = DATA.id.encode().hex().encode()
+        old = self.write_old_file([
+            b"1000.0 " + sid + b" " + NONUTF8.hex().encode(),
+            b"2500.5 " + sid + b" " + b"a/b".hex().encode(),
+            b"garbage line",
+        ])
+        with capturedLogs() as events:
+            store = self.store = Store(self.path, size=10**9)
+        self.assertIn("orphans:3: unreadable orphan entry ignored",
+                      " ".join(formatEvent(e) for e in events))
+        want = {(DATA.id, NONUTF8): 1000.0, (DATA.id, b"a/b"): 2500.5}
+        self.assertEqual(store.orphans(), want)
+        store.inventory([DATA])
+        store.mark_orphans(DATA.id, [b"new", NONUTF8], now=9000.0)  # first write
+        self.assertFalse(os.path.exists(old))
+        self.assertEqual(store.used, store.usage())
+        want[(DATA.id, b"new")] = 9000.0
+        self.assertEqual(self.reopen().orphans(), want)
+
+    def test_corrupt_database_moved_aside(self):
+        self.store.mark_orphans(DATA.id, [b"x"], now=1.0)
+        self.store.close()
+        db = self.store.state_dir + b"/index.sqlite"
+        with open(db, "wb") as f:
+            f.write(b"this is no database " * 500)
+        with capturedLogs() as events:
+            store = self.store = Store(self.path, size=10**9)
+        text = " ".join(formatEvent(e) for e in events)
+        self.assertIn(os.fsdecode(db), text)
+        self.assertIn("unreadable", text)
+        self.assertTrue(os.path.exists(db + b".corrupt"))
+        self.assertEqual(store.orphans(), {})
+        store.inventory([DATA])
+        store.mark_orphans(DATA.id, [b"y"], now=2.0)
+        self.assertTrue(store.orphans_persisted)
+        self.assertEqual(store.used, store.usage())
+        self.assertEqual(self.reopen().orphans(), {(DATA.id, b"y"): 2.0})
+
+    def test_damaged_page_moved_aside(self):
+        self.store.mark_orphans(DATA.id, [b"p%05d" % i + b"q" * 100 for i in range(2000)],
+                                now=1.0)
+        self.store.close()
+        db = self.store.state_dir + b"/index.sqlite"
+        with open(db, "r+b") as f:  # the marks' pages, not the header
+            f.seek(4096)
+            f.write(os.urandom(3 * 4096))
+        with capturedLogs() as events:
+            store = self.store = Store(self.path, size=10**9)
+        self.assertIn(os.fsdecode(db), " ".join(formatEvent(e) for e in events))
+        self.assertEqual(store.orphans(), {})
+        store.mark_orphans(DATA.id, [b"z"], now=3.0)
+        self.assertEqual(self.reopen().orphans(), {(DATA.id, b"z"): 3.0})
+
+
+class OrphanQuotaTests(unittest.SynchronousTestCase):
+    """Persisting orphan marks never takes a store past its quota (rule 1)."""
+
+    costs = DirCosts(4096, 16384)
+
+    def tight(self, room: int, big: int = 0) -> tuple[Store, bytes]:
+        """A store with C{room} bytes free, holding a file of C{big} bytes."""
+        stores = []
+        for size in (10**12, None):
+            path = self.mktemp()
+            if size is None:
+                size = stores[0].used + room
+            store = Store(path, size=size, dir_costs=self.costs)
+            if big:
+                write(store.source_dir(DATA.host, DATA.path) + b"/big", big)
+            store.inventory([DATA])
+            stores.append(store)
+        stores[0].close()
+        store = stores[1]
+        self.assertEqual(store.free, room)
+        return store, path
+
+    def test_no_room_keeps_marks_in_memory(self):
+        store, path = self.tight(2000)
+        with capturedLogs() as events:
+            store.mark_orphans(DATA.id, [b"a", b"b"], now=1.0)
+            store.mark_orphans(DATA.id, [b"c"], now=2.0)
+        warnings = [e for e in events if "memory only" in formatEvent(e)]
+        self.assertEqual(len(warnings), 1)  # warned once
+        self.assertFalse(store.orphans_persisted)
+        self.assertEqual(len(store.orphans()), 3)
+        self.assertLessEqual(store.usage(), store.quota)
+        self.assertEqual(store.used, store.usage())
+        store.close()
+        self.assertEqual(Store(path, size=10**9).orphans(), {})
+
+    def test_fills_up_and_never_passes_quota(self):
+        store, path = self.tight(400_000)
+        persisted: dict = {}
+        for n in range(60):
+            batch = [b"b%02d-%04d" % (n, i) + b"n" * 180 for i in range(100)]
+            store.mark_orphans(DATA.id, batch, now=float(n))
+            self.assertLessEqual(store.usage(), store.quota, n)
+            self.assertEqual(store.used, store.usage(), n)
+            if not store.orphans_persisted:
+                break
+            persisted.update({(DATA.id, p): float(n) for p in batch})
+        self.assertFalse(store.orphans_persisted)
+        self.assertGreater(len(persisted), 0)  # some fitted before it filled up
+        store.close()
+        self.assertEqual(Store(path, size=10**9).orphans(), persisted)
+
+    def test_room_made_persists_the_waiting_marks(self):
+        store, path = self.tight(2000, big=500_000)
+        store.mark_orphans(DATA.id, [b"big", b"other"], now=5.0)
+        self.assertFalse(store.orphans_persisted)
+        store.remove(DATA.host, DATA.path, b"big")  # frees room, unmarks big
+        self.assertTrue(store.orphans_persisted)
+        self.assertLessEqual(store.usage(), store.quota)
+        self.assertEqual(store.used, store.usage())
+        store.close()
+        self.assertEqual(Store(path, size=10**9).orphans(), {(DATA.id, b"other"): 5.0})
 
 
 class FakeStatvfs:
