@@ -568,14 +568,53 @@ class Store:
         mark.  Returns the bytes freed (the drop in L{used}).  A missing file
         is not an error (0 freed, unless empty parents were removed).
         """
+        return self.remove_many(source_host, source_path, [relpath])
+
+    def remove_many(self, source_host: str, source_path: str,
+                    relpaths: Iterable[bytes]) -> int:
+        """
+        L{remove} each of C{relpaths}, then forget their orphan marks in one
+        write: the cost follows the number of paths given, not the number of
+        files or orphans in the store, so a caller can remove many files in
+        bounded chunks.  Returns the bytes freed.  A refused path
+        (L{StoreError}) ends the call; the paths before it are removed and
+        unmarked.
+        """
         before = self.used  # raises before inventory()
-        path, missing = self._target(source_host, source_path, relpath)
+        sid = f"{source_host}:{source_path}"
+        top = _source_parts(source_host, source_path)
+        done: list[bytes] = []
+        # Folders (below the source's) that held a removed file: those left
+        # empty are removed at the end, deepest first, then what remains on
+        # their way is measured once, however many files each folder held.
+        emptied: set[tuple[bytes, ...]] = set()
+        left: set[tuple[bytes, ...]] = set()
+        parents: dict = {}  # see _target: no folder changes before the end
+        try:
+            for relpath in relpaths:
+                folder, missing = self._unlink(source_host, source_path, sid, relpath, parents)
+                (emptied if folder and not missing else left).add(folder)
+                done.append(relpath)
+        finally:
+            left |= self._remove_empty(top, emptied)
+            measured: set = set()
+            for folder in left:
+                self._refresh_dirs(top + list(folder), measured)
+            self.unmark(sid, done)
+        return before - self.used
+
+    def _unlink(self, source_host: str, source_path: str, sid: str, relpath: bytes,
+                parents: dict) -> tuple[tuple[bytes, ...], int]:
+        """
+        Delete one file (or symlink) and forget its record: its folder's
+        parts below the source's, and how many of them are missing.
+        """
+        path, missing = self._target(source_host, source_path, relpath, parents)
         st = _lstat(path)
         if st is not None and stat.S_ISDIR(st.st_mode):
             raise StoreError(f"refusing to remove {relpath!r}: it is a directory")
         if st is not None:
             os.unlink(path)
-        sid = f"{source_host}:{source_path}"
         record = self.files.get(sid, {}).pop(relpath, None)
         # Subtract what the running figure counted for it (also when the
         # file had vanished); a file never refreshed was never counted, so
@@ -583,21 +622,28 @@ class Store:
         gone = record.size if record is not None else 0
         self._file_bytes -= gone
         self._used -= gone
-        top = _source_parts(source_host, source_path)
-        parents = relpath.split(b"/")[:-1]
-        while parents and not missing:
-            d = os.path.join(self.root, *top, *parents)
-            try:
-                os.rmdir(d)
-            except OSError:
-                break
-            rel = b"/".join(top + parents)
-            self._used -= self._dirs.pop(rel, 0)
-            parents.pop()
-        self._refresh_dirs(top + parents)
-        if (sid, relpath) in self._index.marks:
-            self.unmark(sid, [relpath])
-        return before - self.used
+        return tuple(relpath.split(b"/")[:-1]), missing
+
+    def _remove_empty(self, top: list[bytes],
+                      folders: set[tuple[bytes, ...]]) -> set[tuple[bytes, ...]]:
+        """
+        Remove those of C{folders} (parts below the source's folder C{top})
+        that are empty, and then their parents left empty, never the
+        source's folder itself; returns the deepest folders that remain.
+        """
+        levels: dict[int, set] = {}
+        for folder in folders:
+            levels.setdefault(len(folder), set()).add(folder)
+        for depth in range(max(levels, default=0), 0, -1):
+            for folder in levels.pop(depth, ()):
+                try:
+                    os.rmdir(os.path.join(self.root, *top, *folder))
+                except OSError:
+                    levels.setdefault(0, set()).add(folder)  # stays: measure it
+                    continue
+                self._used -= self._dirs.pop(b"/".join(top + list(folder)), 0)
+                levels.setdefault(depth - 1, set()).add(folder[:-1])
+        return levels.get(0, set())
 
     def clean_partials(self) -> None:
         """
