@@ -316,7 +316,7 @@ class Store:
 
     # --- inventory and usage --------------------------------------------
 
-    def inventory(self, sources: Iterable) -> dict[str, dict[bytes, FileRecord]]:
+    def inventory(self, sources: Iterable, stop=None) -> dict[str, dict[bytes, FileRecord]]:
         """
         Walk the store (disk is the truth) and return, per source id, the
         files it holds (regular files and symlinks, lstat, never followed).
@@ -324,19 +324,24 @@ class Store:
         belong to no source are counted in C{unknown_*}, never touched.
         Also sets L{used} (= L{usage}) and L{quota}, and probes L{DirCosts}
         the first time.
+
+        C{stop} (a C{threading.Event}, or anything with C{is_set()}) is
+        looked at once per directory: once set, the walk ends with
+        L{StoreError} and the store's figures stay as they were, so the
+        walk can run in a thread and be cancelled.
         """
-        self._sources = list(sources)
+        sources = list(sources)
         owners = {
-            b"/".join(_source_parts(s.host, s.path)): _source_id(s) for s in self._sources
+            b"/".join(_source_parts(s.host, s.path)): _source_id(s) for s in sources
         }
-        self.files = {sid: {} for sid in owners.values()}
-        self._dirs = {}
-        self._file_bytes = 0
-        self.unknown_files = self.unknown_bytes = 0
-        self.unknown_sample = []
-        self._dirs[b""] = os.lstat(self.root).st_size
+        files: dict[str, dict[bytes, FileRecord]] = {sid: {} for sid in owners.values()}
+        dirs: dict[bytes, int] = {b"": os.lstat(self.root).st_size}
+        file_bytes = unknown_files = unknown_bytes = 0
+        unknown_sample: list[bytes] = []
         stack: list[tuple[bytes, Optional[str], int]] = [(b"", None, 0)]
         while stack:
+            if stop is not None and stop.is_set():
+                raise StoreError("inventory stopped")
             rel_dir, owner, cut = stack.pop()
             full_dir = os.path.join(self.root, rel_dir) if rel_dir else self.root
             try:
@@ -344,7 +349,7 @@ class Store:
                     entries = list(it)
             except FileNotFoundError:
                 if rel_dir:
-                    self._dirs.pop(rel_dir, None)
+                    dirs.pop(rel_dir, None)
                     continue
                 raise
             for entry in entries:
@@ -357,7 +362,7 @@ class Store:
                 except FileNotFoundError:
                     continue
                 if stat.S_ISDIR(st.st_mode):
-                    self._dirs[rel] = st.st_size
+                    dirs[rel] = st.st_size
                     if rel in owners:
                         stack.append((rel, owners[rel], len(rel) + 1))
                     else:
@@ -370,13 +375,19 @@ class Store:
                     except ValueError:
                         record = None
                 if record is None:
-                    self.unknown_files += 1
-                    self.unknown_bytes += st.st_size
-                    if len(self.unknown_sample) < 20:
-                        self.unknown_sample.append(rel)
+                    unknown_files += 1
+                    unknown_bytes += st.st_size
+                    if len(unknown_sample) < 20:
+                        unknown_sample.append(rel)
                 else:
-                    self.files[owner][record.path] = record
-                    self._file_bytes += st.st_size
+                    files[owner][record.path] = record
+                    file_bytes += st.st_size
+        self._sources = sources
+        self.files = files
+        self._dirs = dirs
+        self._file_bytes = file_bytes
+        self.unknown_files, self.unknown_bytes = unknown_files, unknown_bytes
+        self.unknown_sample = unknown_sample
         self._state_bytes = tree_usage(self.state_dir)
         self._recount()
         if self.unknown_files:

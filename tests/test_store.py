@@ -9,6 +9,7 @@ import os
 import statistics
 import subprocess
 import shutil
+import threading
 import time
 
 from attrs import frozen
@@ -292,6 +293,60 @@ class UsageTests(unittest.SynchronousTestCase):
         self.assertEqual(os.listdir(sdir), [b"e"])  # d emptied and removed
         self.assertEqual(self.store.orphans(), {(DATA.id, b"e/three"): 1.0})
         self.assertEqual(self.store.used, du(self.store.root))
+
+
+class StoppedEvent:
+    """Looks set from its C{after}-th look on (a stop during the walk)."""
+
+    def __init__(self, after: int):
+        self.after = after
+        self.looks = 0
+
+    def is_set(self) -> bool:
+        self.looks += 1
+        return self.looks > self.after
+
+
+class InventoryStopTests(unittest.SynchronousTestCase):
+    def setUp(self):
+        self.store = Store(self.mktemp(), size=10**9)
+        for i in range(20):
+            write(self.store.root + b"/host1/srv/data/d%d/f%d" % (i % 4, i), 10 + i)
+        write(self.store.root + b"/stray", 3)
+        self.store.inventory([DATA])
+
+    def figures(self):
+        s = self.store
+        return (s.files, s.used, s.quota, s.unknown_files, s.unknown_bytes, dict(s._dirs),
+                s._file_bytes, s._state_bytes, list(s._sources))
+
+    def check_stopped(self, stop):
+        write(self.store.root + b"/host1/srv/data/d9/new", 1000)  # not seen yet
+        before = self.figures()
+        files = {sid: dict(held) for sid, held in self.store.files.items()}
+        with self.assertRaises(StoreError) as caught:
+            self.store.inventory([DATA, ROOTSRC], stop=stop)
+        self.assertIn("inventory stopped", str(caught.exception))
+        self.assertEqual(self.figures(), before)
+        self.assertEqual(self.store.files, files)
+        self.assertIs(self.store.files, before[0])
+
+    def test_stop_already_set(self):
+        event = threading.Event()
+        event.set()
+        self.check_stopped(event)
+
+    def test_stop_during_the_walk(self):
+        stop = StoppedEvent(after=4)
+        self.check_stopped(stop)
+        self.assertEqual(stop.looks, 5)  # once per folder until it was set
+
+    def test_unset_stop_changes_nothing(self):
+        plain = Store(self.mktemp(), size=10**9)
+        write(plain.root + b"/host1/srv/data/x", 5)
+        self.assertEqual(plain.inventory([DATA], stop=threading.Event()),
+                         {DATA.id: {b"x": plain.files[DATA.id][b"x"]}})
+        self.assertEqual(plain.used, du(plain.root))
 
 
 class CostTests(unittest.SynchronousTestCase):
