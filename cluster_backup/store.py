@@ -7,10 +7,11 @@ C{<store>/<shost>/<spath without its leading />/<RELPATH>}, so a plain
 C{cp -a} of those folders is a restore.  The store's own state lives in
 C{<store>/.cbackup/}: C{partial/} (rsync's C{--partial-dir}), C{tmp/}
 (rsync's C{--temp-dir}: a file being received never shows in the layout, so
-a killed rsync leaves nothing there that could pass for a copy), C{orphans}
-(when each orphan was first seen, so a restart does not reset the clock) and
-short-lived temp files.  Host names cannot start with a dot (config's
-C{_HOST}), so no source can ever map onto C{.cbackup}.
+a killed rsync leaves nothing there that could pass for a copy),
+C{index.sqlite} (when each orphan was first seen, so a restart does not reset
+the clock; see L{cluster_backup.orphan_index}) and short-lived temp files.
+Host names cannot start with a dot (config's C{_HOST}), so no source can
+ever map onto C{.cbackup}.
 
 Usage (rule 1) is what C{du -sb <store>} prints: the apparent sizes of every
 file, symlink and directory, the store directory and the state directory
@@ -41,6 +42,7 @@ from typing import Callable, Iterable, Mapping, Optional, Union
 from attrs import frozen
 from twisted.logger import Logger
 
+from .orphan_index import OrphanIndex
 from .records import FileRecord, relpath_problem
 
 log = Logger()
@@ -58,6 +60,8 @@ PARTIAL = b"partial"
 TMP = b"tmp"
 #: rsync's C{--files-from} lists (L{transfer.RsyncTransfer}) in the state dir.
 LIST_PREFIX = b"files-from-"
+#: The orphan marks (L{OrphanIndex}), and the text file they were in before.
+INDEX = b"index.sqlite"
 ORPHANS = b"orphans"
 PROBE = b"probe"
 
@@ -242,7 +246,7 @@ class Store:
         self._file_bytes = 0
         self._state_bytes = 0
         self._used: Optional[int] = None
-        self._orphans: dict[tuple[str, bytes], float] = self._load_orphans()
+        self._index = OrphanIndex(os.path.join(self.state_dir, INDEX), self._orphans_file)
         self._parts: dict[tuple[str, str], list[bytes]] = {}  # see _target
 
     @classmethod
@@ -325,7 +329,7 @@ class Store:
 
     # --- inventory and usage --------------------------------------------
 
-    def inventory(self, sources: Iterable) -> dict[str, dict[bytes, FileRecord]]:
+    def inventory(self, sources: Iterable, stop=None) -> dict[str, dict[bytes, FileRecord]]:
         """
         Walk the store (disk is the truth) and return, per source id, the
         files it holds (regular files and symlinks, lstat, never followed).
@@ -333,27 +337,31 @@ class Store:
         belong to no source are counted in C{unknown_*}, never touched.
         Also sets L{used} (= L{usage}) and L{quota}, and probes L{DirCosts}
         the first time.
+
+        C{stop} (a C{threading.Event}, or anything with C{is_set()}) is
+        looked at once per directory: once set, the walk ends with
+        L{StoreError} and the store's figures stay as they were, so the
+        walk can run in a thread and be cancelled.
         """
-        self._sources = list(sources)
+        sources = list(sources)
         # Folder (store-relative) -> (source id, None for the layout or the
         # kept version folder's name).
         owners: dict[bytes, tuple[str, Optional[bytes]]] = {
-            b"/".join(_source_parts(s.host, s.path)): (_source_id(s), None)
-            for s in self._sources
+            b"/".join(_source_parts(s.host, s.path)): (_source_id(s), None) for s in sources
         }
         for version in self._kept_versions():
-            for s in self._sources:
+            for s in sources:
                 prefix = b"/".join([KEPT, version] + _source_parts(s.host, s.path))
                 owners[prefix] = (_source_id(s), version)
-        self.files = {_source_id(s): {} for s in self._sources}
-        self.kept = {_source_id(s): {} for s in self._sources}
-        self._dirs = {}
-        self._file_bytes = 0
-        self.unknown_files = self.unknown_bytes = 0
-        self.unknown_sample = []
-        self._dirs[b""] = os.lstat(self.root).st_size
+        files: dict[str, dict[bytes, FileRecord]] = {_source_id(s): {} for s in sources}
+        kept: dict[str, dict[FileRecord, bytes]] = {_source_id(s): {} for s in sources}
+        dirs: dict[bytes, int] = {b"": os.lstat(self.root).st_size}
+        file_bytes = unknown_files = unknown_bytes = 0
+        unknown_sample: list[bytes] = []
         stack: list[tuple[bytes, Optional[str], int]] = [(b"", None, 0)]
         while stack:
+            if stop is not None and stop.is_set():
+                raise StoreError("inventory stopped")
             rel_dir, owner, cut = stack.pop()
             full_dir = os.path.join(self.root, rel_dir) if rel_dir else self.root
             try:
@@ -361,7 +369,7 @@ class Store:
                     entries = list(it)
             except FileNotFoundError:
                 if rel_dir:
-                    self._dirs.pop(rel_dir, None)
+                    dirs.pop(rel_dir, None)
                     continue
                 raise
             for entry in entries:
@@ -374,7 +382,7 @@ class Store:
                 except FileNotFoundError:
                     continue
                 if stat.S_ISDIR(st.st_mode):
-                    self._dirs[rel] = st.st_size
+                    dirs[rel] = st.st_size
                     if rel in owners:
                         stack.append((rel, owners[rel], len(rel) + 1))
                     else:
@@ -387,17 +395,24 @@ class Store:
                     except ValueError:
                         record = None
                 if record is None:
-                    self.unknown_files += 1
-                    self.unknown_bytes += st.st_size
-                    if len(self.unknown_sample) < 20:
-                        self.unknown_sample.append(rel)
+                    unknown_files += 1
+                    unknown_bytes += st.st_size
+                    if len(unknown_sample) < 20:
+                        unknown_sample.append(rel)
                 else:
                     sid, version = owner
                     if version is None:
-                        self.files[sid][record.path] = record
+                        files[sid][record.path] = record
                     else:
-                        self.kept[sid][record] = version
-                    self._file_bytes += st.st_size
+                        kept[sid][record] = version
+                    file_bytes += st.st_size
+        self._sources = sources
+        self.files = files
+        self.kept = kept
+        self._dirs = dirs
+        self._file_bytes = file_bytes
+        self.unknown_files, self.unknown_bytes = unknown_files, unknown_bytes
+        self.unknown_sample = unknown_sample
         self._state_bytes = tree_usage(self.state_dir)
         self._recount()
         if self.unknown_files:
@@ -589,14 +604,53 @@ class Store:
         mark.  Returns the bytes freed (the drop in L{used}).  A missing file
         is not an error (0 freed, unless empty parents were removed).
         """
+        return self.remove_many(source_host, source_path, [relpath])
+
+    def remove_many(self, source_host: str, source_path: str,
+                    relpaths: Iterable[bytes]) -> int:
+        """
+        L{remove} each of C{relpaths}, then forget their orphan marks in one
+        write: the cost follows the number of paths given, not the number of
+        files or orphans in the store, so a caller can remove many files in
+        bounded chunks.  Returns the bytes freed.  A refused path
+        (L{StoreError}) ends the call; the paths before it are removed and
+        unmarked.
+        """
         before = self.used  # raises before inventory()
-        path, missing = self._target(source_host, source_path, relpath)
+        sid = f"{source_host}:{source_path}"
+        top = _source_parts(source_host, source_path)
+        done: list[bytes] = []
+        # Folders (below the source's) that held a removed file: those left
+        # empty are removed at the end, deepest first, then what remains on
+        # their way is measured once, however many files each folder held.
+        emptied: set[tuple[bytes, ...]] = set()
+        left: set[tuple[bytes, ...]] = set()
+        parents: dict = {}  # see _target: no folder changes before the end
+        try:
+            for relpath in relpaths:
+                folder, missing = self._unlink(source_host, source_path, sid, relpath, parents)
+                (emptied if folder and not missing else left).add(folder)
+                done.append(relpath)
+        finally:
+            left |= self._remove_empty(top, emptied)
+            measured: set = set()
+            for folder in left:
+                self._refresh_dirs(top + list(folder), measured)
+            self.unmark(sid, done)
+        return before - self.used
+
+    def _unlink(self, source_host: str, source_path: str, sid: str, relpath: bytes,
+                parents: dict) -> tuple[tuple[bytes, ...], int]:
+        """
+        Delete one file (or symlink) and forget its record: its folder's
+        parts below the source's, and how many of them are missing.
+        """
+        path, missing = self._target(source_host, source_path, relpath, parents)
         st = _lstat(path)
         if st is not None and stat.S_ISDIR(st.st_mode):
             raise StoreError(f"refusing to remove {relpath!r}: it is a directory")
         if st is not None:
             os.unlink(path)
-        sid = f"{source_host}:{source_path}"
         record = self.files.get(sid, {}).pop(relpath, None)
         # Subtract what the running figure counted for it (also when the
         # file had vanished); a file never refreshed was never counted, so
@@ -604,21 +658,28 @@ class Store:
         gone = record.size if record is not None else 0
         self._file_bytes -= gone
         self._used -= gone
-        top = _source_parts(source_host, source_path)
-        parents = relpath.split(b"/")[:-1]
-        while parents and not missing:
-            d = os.path.join(self.root, *top, *parents)
-            try:
-                os.rmdir(d)
-            except OSError:
-                break
-            rel = b"/".join(top + parents)
-            self._used -= self._dirs.pop(rel, 0)
-            parents.pop()
-        self._refresh_dirs(top + parents)
-        if (sid, relpath) in self._orphans:
-            self.unmark(sid, [relpath])
-        return before - self.used
+        return tuple(relpath.split(b"/")[:-1]), missing
+
+    def _remove_empty(self, top: list[bytes],
+                      folders: set[tuple[bytes, ...]]) -> set[tuple[bytes, ...]]:
+        """
+        Remove those of C{folders} (parts below the source's folder C{top})
+        that are empty, and then their parents left empty, never the
+        source's folder itself; returns the deepest folders that remain.
+        """
+        levels: dict[int, set] = {}
+        for folder in folders:
+            levels.setdefault(len(folder), set()).add(folder)
+        for depth in range(max(levels, default=0), 0, -1):
+            for folder in levels.pop(depth, ()):
+                try:
+                    os.rmdir(os.path.join(self.root, *top, *folder))
+                except OSError:
+                    levels.setdefault(0, set()).add(folder)  # stays: measure it
+                    continue
+                self._used -= self._dirs.pop(b"/".join(top + list(folder)), 0)
+                levels.setdefault(depth - 1, set()).add(folder[:-1])
+        return levels.get(0, set())
 
     def clean_partials(self) -> None:
         """
@@ -792,25 +853,17 @@ class Store:
 
     def mark_orphans(self, source_id: str, paths: Iterable[bytes], now: float) -> None:
         """Remember C{now} as the first time each of C{paths} was orphaned."""
-        changed = False
-        for p in paths:
-            if (source_id, p) not in self._orphans:
-                self._orphans[(source_id, p)] = now
-                changed = True
-        if changed:
-            self._save_orphans()
+        self._index.mark(source_id, paths, now)
+        self._save_orphans()
 
     def unmark(self, source_id: str, paths: Iterable[bytes]) -> None:
         """The source has these files again: they are no longer orphans."""
-        changed = False
-        for p in paths:
-            changed |= self._orphans.pop((source_id, p), None) is not None
-        if changed:
-            self._save_orphans()
+        self._index.unmark(source_id, paths)
+        self._save_orphans()
 
     def orphans(self) -> dict[tuple[str, bytes], float]:
         """(source id, relpath) -> when first seen orphaned."""
-        return dict(self._orphans)
+        return dict(self._index.marks)
 
     def expired_orphans(
         self, now: float, keep_deleted: Union[float, Mapping[str, float]]
@@ -820,56 +873,36 @@ class Store:
         source id; a source missing from the mapping never expires).
         """
         out = []
-        for (sid, path), since in sorted(self._orphans.items(), key=lambda kv: kv[1]):
+        for (sid, path), since in sorted(self._index.marks.items(), key=lambda kv: kv[1]):
             keep = keep_deleted.get(sid) if isinstance(keep_deleted, Mapping) else keep_deleted
             if keep is not None and now - since >= keep:
                 out.append((sid, path))
         return out
 
-    def _load_orphans(self) -> dict[tuple[str, bytes], float]:
-        out: dict[tuple[str, bytes], float] = {}
-        try:
-            with open(self._orphans_file, "rb") as f:
-                lines = f.read().splitlines()
-        except FileNotFoundError:
-            return out
-        for n, line in enumerate(lines, 1):
-            try:
-                since, sid, path = line.split(b" ")
-                out[(bytes.fromhex(sid.decode()).decode("utf-8"), bytes.fromhex(path.decode()))] = float(since)
-            except ValueError:
-                log.warn("{file}:{line}: unreadable orphan entry ignored",
-                         file=self._orphans_file, line=n)
-        return out
-
     def _save_orphans(self) -> None:
         """
-        Persist the orphan marks (temp file + rename), only when the
-        transient copy fits under the quota; otherwise keep them in memory
-        (a restart then restarts their clocks: they are kept longer, which
-        is the safe side).
+        Persist the orphan marks' changes (one transaction), only when what
+        that can add to the state dir (L{OrphanIndex.growth}) fits under the
+        quota; otherwise keep them in memory, to be written by a later call
+        that fits (a restart before then restarts their clocks: they are
+        kept longer, which is the safe side).
         """
-        data = b"".join(
-            b"%r %s %s\n" % (since, sid.encode("utf-8").hex().encode(), path.hex().encode())
-            for (sid, path), since in self._orphans.items()
-        )
-        entry = self.dir_costs.entry if self.dir_costs else 4 * 4096
+        if not self._index.dirty:
+            return
         if self._used is not None and self.quota is not None:
-            if self.used + len(data) + 2 * entry > self.quota:
+            if self.used + self._index.growth() > self.quota:
                 if self.orphans_persisted:
                     log.warn("store {store} is full: orphan marks kept in memory only",
                              store=self.root)
                 self.orphans_persisted = False
                 return
-        tmp = self._orphans_file + b".tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._orphans_file)
-        self.orphans_persisted = True
+        self.orphans_persisted = self._index.flush()
         if self._used is not None:
             self.measure_state()
+
+    def close(self) -> None:
+        """Close the orphan index (the store object is not used after this)."""
+        self._index.close()
 
 
 def kept_key(record: FileRecord) -> bytes:
