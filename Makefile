@@ -49,7 +49,8 @@ bench: $(STAMP) rsync
 # The fault and abuse scenarios, recording their figures into docs/RELIABILITY.md.
 reliability: $(STAMP) rsync
 	CBACKUP_FIGURES_DIR=$(CURDIR)/docs/reliability $(PY) -m pytest -q \
-	  tests/test_faults_client.py tests/test_faults_server.py tests/test_abuse_*.py
+	  tests/test_faults_client.py tests/test_faults_server.py tests/test_faults_source.py \
+	  tests/test_abuse_*.py
 	$(PY) docs/reliability/render.py
 
 clean:

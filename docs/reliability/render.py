@@ -2,7 +2,8 @@
 Write docs/RELIABILITY.md from the figures the reliability tests recorded.
 
     CBACKUP_FIGURES_DIR=docs/reliability .venv/bin/python -m pytest \\
-        tests/test_faults_client.py tests/test_faults_server.py tests/test_abuse_*.py
+        tests/test_faults_client.py tests/test_faults_server.py \\
+        tests/test_faults_source.py tests/test_abuse_*.py
     .venv/bin/python docs/reliability/render.py
 
 (`make reliability` does both.)  The figures are never typed by hand.
@@ -43,6 +44,21 @@ SCENARIOS = [
      "the stores' leases with the other server stay live (report age under 3 intervals), "
      "its new files reach their copies during the stop, no store is declared dead, "
      "nothing is dropped or written again"),
+    ("source", "unmounted", "a source disk unmounted (empty mount point), under space pressure",
+     "tests/test_faults_source.py::test_unmounted_source_is_held",
+     "the scan is held (server log HELD, status exits 1 with 'held: N deleted'); while "
+     "another source grows into the spare room, every original file of the unmounted "
+     "source keeps its copies, byte-identical (sampled every second); remounted, the "
+     "hold clears and both sources are at their copies"),
+    ("source", "missing_root", "a source root renamed away, then back",
+     "tests/test_faults_source.py::test_missing_root_fails_status",
+     "every rescan fails, status exits 1 with 'scan error', no copy on disk is removed or "
+     "written again; back under its name, status exits 0"),
+    ("source", "ransomware", "30% of a source rewritten in place (ransomware), then accepted",
+     "tests/test_faults_source.py::test_ransomware_is_held_then_accepted",
+     "the scan is held (status 'held: 0 deleted, N changed'), every store copy keeps the "
+     "original bytes; cbackup accept applies it and the stores fetch the new bytes; a second "
+     "accept exits 1 'no scan is held'"),
     ("abuse", None, "bad input and hostile peers",
      "tests/test_abuse_config.py, test_abuse_protocol.py, test_abuse_paths.py, "
      "test_abuse_security.py",
