@@ -785,7 +785,10 @@ class Agent(MultiService):
         before = {p: held[p] for p in paths if p in held}
         renew = LoopingCall(self._renew_claim, proto, source, paths)
         renew.clock = self.reactor
-        renew.start(max(1.0, grant.ttl / 3), now=False)
+        # Every report interval (at most a third of the ttl): the server
+        # takes files below copies as stuck after a few intervals unclaimed.
+        renew.start(max(1.0, min(grant.ttl / 3, self.cluster.options.report_interval)),
+                    now=False)
         inplace = [p for p in paths if (source.id, p) in self.basis]
         whole = [p for p in paths if (source.id, p) not in self.basis]
         try:

@@ -179,6 +179,11 @@ class Ledger:
         hear anyone and does not count against leases, claims or safemode.
     @param max_change: the fraction of the source a scan may delete or
         rewrite before it is held (L{cluster_backup.held}); None: never held.
+    @param stuck_after: how long no claim on a file below its copies may be
+        granted or renewed before greedy fill stops waiting for those files
+        (they are stuck: see L{claim}); default C{claim_ttl}.  A server
+        passes a few report intervals, and clients renew their claims every
+        interval.
     @param accepted: C{(files, bytes)} of the last scan accepted before this
         ledger existed (the server keeps it across restarts), so the first
         scan after a restart is measured against it: see L{scan_finished}.
@@ -194,6 +199,7 @@ class Ledger:
         report_interval: float = 60.0,
         dead_after: float = 3600.0,
         claim_ttl: float = 300.0,
+        stuck_after: Optional[float] = None,
         heartbeat: Optional[float] = None,
         max_change: Optional[float] = None,
         accepted: Optional[tuple[int, int]] = None,
@@ -206,6 +212,7 @@ class Ledger:
         self._report_interval = report_interval
         self._dead_after = dead_after
         self._claim_ttl = claim_ttl
+        self._stuck_after = claim_ttl if stuck_after is None else stuck_after
         self._created = clock.seconds()
         self._safe = True
         if heartbeat is not None and not heartbeat > 0:
@@ -387,14 +394,14 @@ class Ledger:
         """
         True while greedy fill of this source waits (see L{claim}): some
         file is below its copies and a store claimed one of those within
-        C{claim_ttl}.  Clients hold fill of every source while one of theirs
+        C{stuck_after}.  Clients hold fill of every source while one of theirs
         says so, so surplus of one source does not take the bandwidth and
         the time the copies another still needs are being fetched in.
         """
         return self._fill_waits(self._tick())
 
     def _fill_waits(self, now: float) -> bool:
-        return bool(self._lows) and now - self._low_claimed < self._claim_ttl
+        return bool(self._lows) and now - self._low_claimed < self._stuck_after
 
     # -- counting -----------------------------------------------------------
 
@@ -1435,7 +1442,7 @@ class Ledger:
         file of the source has C{copies} real live copies (claims do not
         count: surplus waits until the needed transfers are done, rather
         than compete with them), or once no claim on a file below its
-        copies was granted or renewed for C{claim_ttl} seconds: nobody can
+        copies was granted or renewed for C{stuck_after} seconds: nobody can
         place those files now (every host that lacks one is full), and
         surplus copies filled elsewhere are what lets a full store drop one
         and take a rarer file in.  Without it, a need that went

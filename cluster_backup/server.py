@@ -37,6 +37,11 @@ log = Logger()
 WATCH_INTERVAL = 5.0
 #: How often the server tells its ledgers it is running (L{Ledger.beat}).
 HEARTBEAT = 1.0
+#: Report intervals with no claim on a file below its copies after which
+#: greedy fill stops waiting for those files (Ledger's C{stuck_after});
+#: clients renew their claims every report interval (rule 5: placement
+#: never waits long on a timeout to get unstuck).
+STUCK_INTERVALS = 3
 
 
 class SourceScanner(Service):
@@ -383,6 +388,7 @@ def build(cluster: Cluster, host: str, state_dir: str, reactor) -> MultiService:
             source.id, source.copies, reactor, stores,
             report_interval=options.report_interval, dead_after=options.dead_after,
             heartbeat=HEARTBEAT, accepted=baseline.get(source.id),
+            stuck_after=STUCK_INTERVALS * options.report_interval,
             max_change=(source.max_change if source.max_change is not None
                         else options.max_change))
         # Stores of this host inside the source are never scanned as data.
