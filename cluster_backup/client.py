@@ -13,14 +13,19 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 from collections import defaultdict
 from typing import Optional
 
 from attrs import define, field
 from twisted.application.internet import ClientService, TimerService
-from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import (Deferred, ensureDeferred, gatherResults, maybeDeferred,
+                                    succeed)
+from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThreadPool
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -56,6 +61,10 @@ RECONNECT_MAX = 60.0
 #: A full store asks for needs only when it holds surplus copies, or after
 #: this many report intervals (see L{Agent._full}).
 REASK_FULL = 5
+#: Removals (L{Agent._remove_all}) go in chunks of at most this many files,
+#: for at most REMOVE_SLICE seconds before the reactor runs again.
+REMOVE_CHUNK = 64
+REMOVE_SLICE = 0.02
 #: Every AMP call to a server must be answered within this many report
 #: intervals, bounded below and above (see L{call_timeout}).
 CALL_TIMEOUT_INTERVALS = 3
@@ -97,6 +106,17 @@ class Unreported:
         self.removed += other.removed
         self.kept += other.kept
         self.unkept += other.unkept
+
+
+def in_thread(reactor, f, *args) -> Deferred:
+    """
+    C{f(*args)} in a thread of C{reactor}'s pool (disk work never holds
+    the reactor, rule 9); inline on a reactor without threads (a test's
+    fake one).
+    """
+    if IReactorThreads.providedBy(reactor):
+        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+    return maybeDeferred(f, *args)
 
 
 def fetch_order(fetch: list) -> dict[str, list]:
@@ -271,18 +291,39 @@ class Agent(MultiService):
         self._checking: Optional[Deferred] = None
         self._cancels: set = set()  # of the rsyncs running (a fetch and a check)
         self._stopping = False
+        self._ready: Deferred = succeed(None)  # the start-up count (startService)
+        self._stop_count = threading.Event()
+        self._children_started = False
 
     # --- lifecycle -----------------------------------------------------
 
     def startService(self) -> None:
+        """
+        Count the store (L{Store.inventory}) in a thread, then start the
+        links and the lease; a stop meanwhile ends the count at once.
+        """
+        Service.startService(self)  # the children start once the store is counted
+        self._stopping = False
+        self._children_started = False
+        self._stop_count = threading.Event()
         started = time.monotonic()
+        self._ready = in_thread(self.reactor, self._count, self._stop_count)
+        self._ready.addCallbacks(self._counted, self._count_failed,
+                                 callbackArgs=(started,))
+
+    def _count(self, stop: threading.Event) -> None:
+        """Blocking start-up work, in a thread: stray rsyncs, then the inventory."""
         # A client killed with -9 leaves its rsyncs running: stop them
         # before counting and cleaning what they write.
         killed = transfer.kill_strays(self._rsync_marker())
         if killed:
             log.warn("{store}: killed {n} rsync processes left by a previous client",
                      store=self.id, n=killed)
-        self.store.inventory(self.sources)
+        self.store.inventory(self.sources, stop=stop)
+
+    def _counted(self, _, started: float) -> None:
+        if self._stopping:
+            return
         self.store.clean_partials()
         held = sum(len(f) for f in self.store.files.values())
         log.info("{store}: {files} files held, {used} of {quota} used "
@@ -292,23 +333,37 @@ class Agent(MultiService):
         if self.store.unknown_files:
             log.warn("{store}: {n} files belong to no configured source; left alone",
                      store=self.id, n=self.store.unknown_files)
-        self._stopping = False
-        super().startService()
+        for service in self:
+            service.startService()
+        self._children_started = True
         self.wake(1.0)
+
+    def _count_failed(self, failure) -> None:
+        if self._stopping:
+            return  # the stop ended the count
+        log.failure("{store}: cannot count the store; it stays idle", failure,
+                    store=self.id)
 
     def stopService(self):
         self._stopping = True
+        self._stop_count.set()
         if self._next is not None and self._next.active():
             self._next.cancel()
         for cancel in list(self._cancels):
             cancel()
-        stopped = super().stopService()
-        # Fires once the round and the check in flight have ended (no new
-        # rsync starts now, see _rsync), then with the children's stop.
+        if self._children_started:
+            stopped = super().stopService()
+        else:
+            stopped = succeed(Service.stopService(self))
+        # Fires once the count, the round and the check in flight have
+        # ended (no new rsync starts now, see _rsync), then with the
+        # children's stop.
         return ensureDeferred(self._quiet()).addBoth(lambda _: stopped)
 
     async def _quiet(self) -> None:
-        """Wait for the round in flight, then for the check it leaves running."""
+        """Wait for the count, the round in flight, then the check it leaves running."""
+        if not self._ready.called:
+            await self._ready  # never fails: see startService
         if self._running is not None:
             await self._running  # never fails: see _round
         if self._checking is not None:
@@ -516,8 +571,8 @@ class Agent(MultiService):
                 self.warned_too_big.add(key)
                 log.warn("{store}: {path} of {source} is larger than the whole quota; "
                          "skipped", store=self.id, path=os.fsdecode(key[1]), source=key[0])
-        for sid, path in plan.delete_orphans:
-            self._remove(sid, path, "orphan kept for keep deleted")
+        await self._remove_all([(sid, path) for sid, path in plan.delete_orphans],
+                               "orphan past keep deleted")
         await self._drops(plan.drops)
         await self._report_removed()
         fetched = 0
@@ -678,28 +733,47 @@ class Agent(MultiService):
                                           of=record.path))
         return out
 
-    def _kept_record(self, sid: str, key: bytes) -> Optional[FileRecord]:
-        """The kept version of C{sid} whose L{kept_key} is C{key}, if still kept."""
-        for record in self.store.kept.get(sid, {}):
-            if kept_key(record) == key:
-                return record
-        return None
+    def _kept_by_key(self, sid: str) -> dict[bytes, FileRecord]:
+        """The versions of C{sid} this store keeps, by their L{kept_key}."""
+        return {kept_key(record): record for record in self.store.kept.get(sid, {})}
 
-    def _remove(self, sid: str, path: bytes, reason: str) -> None:
-        """Delete a layout copy, or a kept version (by its L{kept_key})."""
-        source = self.by_id[sid]
-        if b"\0" in path:
-            record = self._kept_record(sid, path)
-            if record is None:
-                return
-            freed = self.store.remove_kept(source.host, source.path, record)
-            self.unreported[sid].unkept.append(record)
-            path = b"%s (version of %d)" % (record.path, record.mtime)
-        else:
-            freed = self.store.remove(source.host, source.path, path)
-            self.unreported[sid].removed.append(path)
-        log.info("{store}: dropped {path} of {source} ({reason}; {freed} B freed)",
-                 store=self.id, path=os.fsdecode(path), source=sid, reason=reason, freed=freed)
+    async def _remove_all(self, keys: list[tuple[str, bytes]], reason: str) -> None:
+        """
+        Delete layout copies and kept versions (by L{kept_key}) of C{keys}
+        (source id, path), in chunks of at most L{REMOVE_CHUNK} that each
+        end after L{REMOVE_SLICE} seconds, yielding to the reactor between
+        them: 100,000 removals never hold the reactor, so leases, reports
+        and a stop go on meanwhile (rule 9).  A stop ends the removals.
+        """
+        by_source: dict[str, list[bytes]] = defaultdict(list)
+        for sid, path in keys:
+            by_source[sid].append(path)
+        for sid, paths in by_source.items():
+            source = self.by_id[sid]
+            copies = [p for p in paths if b"\0" not in p]
+            by_key = self._kept_by_key(sid)
+            kept = [by_key[p] for p in paths if p in by_key]
+            files = freed = 0
+            started = self.reactor.seconds()
+            while copies or kept:
+                if self._stopping:
+                    return
+                slice_ends = time.monotonic() + REMOVE_SLICE
+                while (copies or kept) and time.monotonic() < slice_ends:
+                    if copies:
+                        chunk, copies = copies[:REMOVE_CHUNK], copies[REMOVE_CHUNK:]
+                        freed += self.store.remove_many(source.host, source.path, chunk)
+                        self.unreported[sid].removed += chunk
+                    else:
+                        record = kept.pop()
+                        freed += self.store.remove_kept(source.host, source.path, record)
+                        self.unreported[sid].unkept.append(record)
+                        chunk = [record]
+                    files += len(chunk)
+                await deferLater(self.reactor, 0, lambda: None)
+            log.info("{store}: dropped {files} files of {source} ({reason}; {freed} B freed "
+                     "in {seconds:.1f}s)", store=self.id, files=files, source=sid,
+                     reason=reason, freed=freed, seconds=self.reactor.seconds() - started)
 
     async def _drops(self, drops: list) -> None:
         """
@@ -716,9 +790,8 @@ class Agent(MultiService):
             if proto is None:
                 continue
             copies = [d.path for d in items if b"\0" not in d.path]
-            kept = {d.path: self._kept_record(sid, d.path) for d in items
-                    if b"\0" in d.path}
-            kept = {key: record for key, record in kept.items() if record is not None}
+            by_key = self._kept_by_key(sid)
+            kept = {d.path: by_key[d.path] for d in items if d.path in by_key}
             try:
                 granted = set(await session.release(proto, sid, self.id, copies, drop=True)
                               if copies else ())
@@ -730,6 +803,7 @@ class Agent(MultiService):
                          store=self.id, source=sid, n=len(items), why=str(e) or repr(e))
                 continue
             now = self.reactor.seconds()
+            gone = []
             for d in items:
                 if d.path not in granted:
                     self.no_drop[(sid, d.path)] = now
@@ -740,7 +814,11 @@ class Agent(MultiService):
                              "old version", store=self.id, path=os.fsdecode(d.for_path),
                              source=sid)
                 else:
-                    self._remove(sid, d.path, d.reason)
+                    gone.append((sid, d.path))
+                    log.info("{store}: dropping {path} of {source} ({reason})",
+                             store=self.id, path=os.fsdecode(d.path.replace(b"\0", b" ")),
+                             source=sid, reason=d.reason)
+            await self._remove_all(gone, "granted by the server")
 
     async def _report_removed(self) -> None:
         """Report what changed on disk to every server that is connected."""

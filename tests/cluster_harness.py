@@ -17,6 +17,7 @@ from twisted.internet import task
 from twisted.internet import reactor
 
 from cluster_backup.demo import make_tree
+from cluster_backup.store import KEPT
 from tests.harness import Twistd, free_port
 
 
@@ -56,8 +57,8 @@ class LocalCluster:
                  options: Optional[dict] = None):
         """
         C{sources}: dicts with C{host}, C{address}, C{copies}, C{files},
-        C{big}, C{seed}.  C{stores}: dicts with C{host}, C{address},
-        C{name}, C{size}.
+        C{big}, C{seed}, and optionally C{keys} (more keys of its block).
+        C{stores}: dicts with C{host}, C{address}, C{name}, C{size}.
         """
         self.base = os.path.abspath(base)
         os.makedirs(self.base, exist_ok=True)
@@ -77,6 +78,7 @@ class LocalCluster:
         for s in sources:
             lines += [f"server: {s['host']}:{s['path']}", f"copies: {s['copies']}",
                       f"address: {s['address']}"]
+            lines += [f"{key}: {value}" for key, value in s.get("keys", {}).items()]
         for st in stores:
             lines += [f"backup: {st['host']}:{st['path']}", f"size: {st['size']}",
                       f"address: {st['address']}"]
@@ -217,13 +219,29 @@ class LocalCluster:
             root = os.fsencode(st["path"])
             for folder, dirs, names in os.walk(root):
                 rel = os.path.relpath(folder, root)
-                if rel == b".cbackup" or rel.startswith(b".cbackup/"):
-                    continue
+                if rel.split(b"/")[0] in (b".cbackup", KEPT):
+                    continue  # the state folder; kept versions: see kept_holders
                 for name in names:
                     path = os.path.relpath(os.path.join(folder, name), root)
                     if not any(path.startswith(prefix + b"/") for prefix in layout):
                         stray.append(f"{st['name']}: {os.fsdecode(path)}")
         return stray
+
+
+def kept_holders(cluster: LocalCluster, source: dict, rel: bytes, original: bytes) -> set[str]:
+    """
+    The store hosts that keep a superseded version of C{rel} (rule 7) in
+    their kept versions folder with the bytes of the file C{original}.
+    """
+    want = os.lstat(original)
+    version = b"%d.%d" % (want.st_mtime_ns // 10**9, want.st_size)
+    found = set()
+    for st in cluster.stores:
+        path = os.path.join(os.fsencode(st["path"]), KEPT, version, os.fsencode(source["host"]),
+                            os.fsencode(source["path"]).lstrip(b"/"), rel)
+        if os.path.lexists(path) and same_content(original, path):
+            found.add(st["host"])
+    return found
 
 
 def sleep(seconds: float):

@@ -20,7 +20,6 @@ from twisted.trial.unittest import SynchronousTestCase
 from cluster_backup import client
 from cluster_backup.config import loads
 from cluster_backup.ledger import Ledger
-from cluster_backup.records import FileRecord
 from cluster_backup.responder import ServerProtocol
 from tests.test_client import FakeRsyncReactor, record_of
 
