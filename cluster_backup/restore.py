@@ -3,7 +3,7 @@ C{cbackup restore}: put a source, or a folder of it, back from the stores.
 
     cbackup restore -c FILE --source HOST:/PATH --to DIR [--path SUBPATH]
                     [--store HOST:/PATH ...] [--host NAME] [--local]
-                    [--force] [--dry-run]
+                    [--at TIME] [--force] [--dry-run]
 
 Stores keep files whole under C{<store>/<source host>/<source path>/<relpath>}
 (DESIGN.md rule 6), so a restore is a listing and a plain rsync:
@@ -18,9 +18,14 @@ Stores keep files whole under C{<store>/<source host>/<source path>/<relpath>}
      files (C{.NAME.XXXXXX}, left when a transfer was killed) are skipped
      and named in a warning.  A store that cannot be read is a warning, as
      long as another one can be read.
+     The versions a store keeps of files the source replaced (rule 7,
+     C{<store>/.cbackup-kept/<mtime>.<size>/<host>/<path>/}) are listed
+     too, for stores read here (by path or C{--local}; not yet over ssh).
   2. I{Plan} (L{plan}, pure): where stores differ on a file, the newest
      mtime wins, then the larger size, then the earlier store (stores on
-     this host first, then config order).
+     this host first, then config order, then kept versions).  With
+     C{--at TIME}, versions written after TIME are left out: each file is
+     restored as it was then.
   3. I{Copy}: one C{rsync -a -s --numeric-ids --files-from --from0} run per
      chosen store, into C{DIR}, keeping the source layout from the source's
      root: file C{RELPATH} lands at C{DIR/RELPATH} (so with C{--path a/b},
@@ -57,6 +62,7 @@ import shutil
 import stat
 import subprocess
 import time
+from datetime import datetime
 from decimal import ROUND_FLOOR, Decimal, InvalidOperation
 from typing import Callable, Iterable, Mapping, Optional, Sequence, TextIO
 
@@ -66,6 +72,7 @@ from cluster_backup import transfer
 from cluster_backup.config import Cluster, ConfigError, Source, Store, load, parse_location, read_secret
 from cluster_backup.identity import identify_or_none
 from cluster_backup.records import FileRecord, relpath_problem
+from cluster_backup.store import KEPT, VERSION_NAME
 from cluster_backup.units import human_size
 
 EXIT_OK = 0
@@ -175,18 +182,20 @@ class Plan:
 
 
 def plan(listings: Sequence[tuple[str, Mapping[bytes, Entry]]],
-         subpath: Optional[bytes] = None) -> Plan:
+         subpath: Optional[bytes] = None, at: Optional[float] = None) -> Plan:
     """
     Choose a store for every file under C{subpath} found in C{listings}
     (C{(store id, path -> entry)}, in order of preference for ties): the
-    newest mtime wins, then the larger size, then the earlier store.
+    newest mtime wins, then the larger size, then the earlier store.  With
+    C{at} (a time), versions written after it are left out: the newest
+    version as of C{at}.
     """
     best: dict[bytes, tuple[int, Entry]] = {}
     versions: dict[bytes, set] = {}
     skipped = set()
     for index, (_, listing) in enumerate(listings):
         for path, entry in listing.items():
-            if not within(path, subpath):
+            if not within(path, subpath) or (at is not None and entry.mtime > at):
                 continue
             if looks_like_temp(path):
                 skipped.add(path)
@@ -333,15 +342,23 @@ def list_remote(target: str, store_path: str, root: bytes, subpath: Optional[byt
 
 @frozen
 class Location:
-    """Where to read one store: by path here (C{target} None) or over ssh."""
+    """
+    Where to read one store: by path here (C{target} None) or over ssh.
+    C{version} names a kept versions folder of the store (rule 7: versions
+    the source replaced, under C{<store>/.cbackup-kept/<version>/}), None
+    for the store's layout.
+    """
 
     store: Store
     root: bytes  # the source's folder in the store
     target: Optional[str]  # ssh host (address) or None
+    version: Optional[bytes] = None
 
     @property
     def id(self) -> str:
-        return self.store.id
+        if self.version is None:
+            return self.store.id
+        return f"{self.store.id} (kept version {self.version.decode()})"
 
     def rsync_source(self) -> str:
         path = os.fsdecode(self.root).rstrip("/") + "/"
@@ -351,6 +368,22 @@ class Location:
         if self.target is None:
             return list_local(self.store.path, self.root, subpath)
         return list_remote(self.target, self.store.path, self.root, subpath)
+
+
+def kept_locations(loc: Location, source: Source) -> list[Location]:
+    """
+    The kept versions folders of a store read here, as L{Location}s (a
+    store read over ssh: none, see the module docstring).
+    """
+    if loc.target is not None:
+        return []
+    kept = os.path.join(os.fsencode(loc.store.path), KEPT)
+    try:
+        names = sorted(os.listdir(kept))
+    except OSError:
+        return []
+    return [Location(loc.store, source_dir(os.fsdecode(os.path.join(kept, name)), source),
+                     None, name) for name in names if VERSION_NAME.match(name)]
 
 
 def locations(cluster: Cluster, source: Source, stores: Sequence[Store],
@@ -758,6 +791,7 @@ def _restore(cluster: Cluster, args: argparse.Namespace, out: TextIO, err: TextI
                                  source_here=source_here)
 
     listings = []
+    read = []
     for loc in locs:
         try:
             listing = loc.listing(subpath)
@@ -767,10 +801,28 @@ def _restore(cluster: Cluster, args: argparse.Namespace, out: TextIO, err: TextI
         print(f"store {loc.id}: {len(listing)} files of {source.id}"
               f"{'' if loc.target is None else ' (over ssh)'}", file=out)
         listings.append((loc.id, listing))
+        read.append(loc)
     if not listings:
         print("restore: no store could be read; nothing restored", file=err)
         return EXIT_INCOMPLETE
-    the_plan = plan(listings, subpath)
+    # The versions the source replaced, kept for keep deleted (rule 7):
+    # the newest version of a file may be one of them (its current copies
+    # lost), and with --at an older one is wanted.
+    kept = [k for loc in read for k in kept_locations(loc, source)]
+    kept_files = 0
+    for loc in kept:
+        try:
+            listing = loc.listing(subpath)
+        except ReadError as e:
+            print(f"restore: warning: {e}", file=err)
+            continue
+        kept_files += len(listing)
+        listings.append((loc.id, listing))
+    if kept:
+        print(f"kept versions: {kept_files} of {source.id} in {len(kept)} folders", file=out)
+    locs = locs + kept
+    at = args.at
+    the_plan = plan(listings, subpath, at)
     for path in the_plan.skipped:
         print(f"restore: warning: skipped {show(path)}: named like an rsync temp file "
               f"left by an interrupted transfer (copy it by hand if it is real)", file=err)
@@ -783,6 +835,8 @@ def _restore(cluster: Cluster, args: argparse.Namespace, out: TextIO, err: TextI
                 raise RestoreError(f"restoring {show(e.path)} into {os.fsdecode(to)} would "
                                    f"write inside the store {os.fsdecode(store)}")
     what = f"{source.id}" + (f" (path {show(subpath)})" if subpath else "")
+    if at is not None:
+        what += " as of " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
     already = present(to, the_plan.entries())
     print(f"{'would restore' if args.dry_run else 'restoring'} {the_plan.files} files "
           f"({human_size(the_plan.bytes)}) of {what} into {os.fsdecode(to)}; "
@@ -842,7 +896,7 @@ def _restore(cluster: Cluster, args: argparse.Namespace, out: TextIO, err: TextI
             except ReadError:
                 continue
             relisted.append((loc.id, {p: e for p, e in listing.items() if p in wanted}))
-        pending, already = plan(relisted, subpath), set()
+        pending, already = plan(relisted, subpath, at), set()
         if not pending.files:
             break
     if bad:
@@ -858,6 +912,17 @@ def _restore(cluster: Cluster, args: argparse.Namespace, out: TextIO, err: TextI
           f"{os.fsdecode(to)}" + (f"; {unknown} files of the source are in no store read"
                                   if unknown else ""), file=out)
     return EXIT_OK
+
+
+def parse_at(text: str) -> float:
+    """C{--at}: an ISO date and time (local time when no zone is given), or C{@SECONDS}."""
+    try:
+        if text.startswith("@"):
+            return float(text[1:])
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected YYYY-MM-DD[THH:MM[:SS]] or @SECONDS, got {text!r}") from None
 
 
 def register(sub) -> None:
@@ -884,4 +949,8 @@ def register(sub) -> None:
                    help="print what would be copied from where; write nothing")
     p.add_argument("--no-server", action="store_true",
                    help="do not ask the source's server which files no store holds")
+    p.add_argument("--at", type=parse_at, metavar="TIME",
+                   help="restore each file as it was at TIME (the newest version written "
+                        "by then, from the layout or the kept versions): YYYY-MM-DD[THH:MM[:SS]] "
+                        "in local time, or @SECONDS since the epoch")
     p.set_defaults(func=cmd_restore)

@@ -52,7 +52,7 @@ STATE = b".cbackup"
 #: C{<store>/.cbackup-kept/<mtime>.<size>/<source host>/<source path>/<relpath>}.
 KEPT = b".cbackup-kept"
 #: A kept version folder's name: C{<mtime>.<size>} of the version.
-_VERSION = re.compile(rb"^(-?[0-9]{1,20})\.([0-9]{1,20})$")
+VERSION_NAME = re.compile(rb"^(-?[0-9]{1,20})\.([0-9]{1,20})$")
 #: Where a kept version is updated in place (rsync --inplace) before it
 #: goes back into the layout; emptied at start like partial/.
 UPDATE = b"update"
@@ -709,7 +709,7 @@ class Store:
         try:
             with os.scandir(os.path.join(self.root, KEPT)) as it:
                 return [os.fsencode(e.name) for e in it
-                        if _VERSION.match(os.fsencode(e.name)) and e.is_dir(follow_symlinks=False)]
+                        if VERSION_NAME.match(os.fsencode(e.name)) and e.is_dir(follow_symlinks=False)]
         except (FileNotFoundError, NotADirectoryError):
             return []
 

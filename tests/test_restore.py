@@ -28,6 +28,7 @@ from cluster_backup.restore import (
     parse_find,
     plan,
 )
+from cluster_backup.store import KEPT
 
 from tests import slow
 
@@ -384,6 +385,36 @@ class CommandTests(SynchronousTestCase):
         # Progress on stderr, per run and overall; the server (port 1) is gone.
         self.assertIn(b"overall 10/10 files", result.stderr)
         self.assertIn(b"could not ask src1's server", result.stderr)
+
+    def kept(self, store: str, version: bytes) -> bytes:
+        return os.path.join(os.fsencode(store), KEPT, version, os.fsencode(SRC_HOST),
+                            os.fsencode(SRC_PATH).lstrip(b"/"))
+
+    def test_kept_versions_and_as_of_a_time(self):
+        """Rule 7: versions the source replaced are kept out of the layout; --at finds them."""
+        oldest = T0 - 1000
+        write(self.kept(self.stores[2], b"%d.4" % oldest) + b"/sub/y.dat", b"yold", oldest)
+        write(self.kept(self.stores[0], b"%d.3" % (NEW + 10)) + b"/only-a.txt", b"new", NEW + 10)
+        # Junk in the kept folder that is no version folder is not read.
+        write(os.fsencode(self.stores[0]) + b"/" + KEPT + b"/junk/only-a.txt", b"junk")
+        result = self.restore()
+        self.assertOk(result)
+        self.assertIn(b"kept versions: 2 of", result.stdout)
+        got = tree(os.fsencode(self.to))
+        self.assertEqual(got[b"only-a.txt"], ("file", b"new", NEW + 10))  # the newest anywhere
+        self.assertEqual(got[b"sub/y.dat"], self.expected[b"sub/y.dat"])
+        to2 = os.path.join(self.base, "as-of")
+        result = self.restore("--at", f"@{oldest + 1}", to=to2)
+        self.assertOk(result)
+        self.assertEqual(tree(os.fsencode(to2)), {b"sub/y.dat": ("file", b"yold", oldest)})
+        to3 = os.path.join(self.base, "as-of-t0")
+        self.assertOk(self.restore("--at", f"@{T0}", to=to3))
+        got = tree(os.fsencode(to3))
+        self.assertEqual(got[b"dir/changed.txt"][1], b"old version, longer than the new one\n")
+        self.assertEqual(got[b"only-a.txt"], self.expected[b"only-a.txt"])
+        bad = self.restore("--at", "last tuesday", to=os.path.join(self.base, "x"))
+        self.assertOk(bad, 2)
+        self.assertIn(b"--at", bad.stderr)
 
     def test_sub_path(self):
         result = self.restore("--path", "sub/")
