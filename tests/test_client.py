@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
-from cluster_backup import client, session, transfer
+from cluster_backup import client, links, session, transfer
 from cluster_backup.config import loads
 from cluster_backup.ledger import Ledger
 from cluster_backup.records import FileRecord
@@ -280,15 +280,15 @@ class SafemodeRetryTests(SynchronousTestCase):
 
 class ReconnectDelayTests(SynchronousTestCase):
     def test_first_retry_is_quick_then_backs_off(self):
-        low = [client.reconnect_delay(n, jitter=lambda: 0.0) for n in range(1, 30)]
-        high = [client.reconnect_delay(n, jitter=lambda: 1.0) for n in range(1, 30)]
-        self.assertEqual(low[0], client.RECONNECT_FIRST)
-        self.assertLessEqual(high[0], 1.5 * client.RECONNECT_FIRST)
+        low = [links.reconnect_delay(n, jitter=lambda: 0.0) for n in range(1, 30)]
+        high = [links.reconnect_delay(n, jitter=lambda: 1.0) for n in range(1, 30)]
+        self.assertEqual(low[0], links.RECONNECT_FIRST)
+        self.assertLessEqual(high[0], 1.5 * links.RECONNECT_FIRST)
         self.assertEqual(low, sorted(low))
         self.assertAlmostEqual(low[1] / low[0], 1.5)
-        self.assertEqual(low[-1], client.RECONNECT_MAX)
-        self.assertEqual(high[-1], 1.5 * client.RECONNECT_MAX)
-        self.assertEqual(client.reconnect_delay(10**6, jitter=lambda: 0.0), client.RECONNECT_MAX)
+        self.assertEqual(low[-1], links.RECONNECT_MAX)
+        self.assertEqual(high[-1], 1.5 * links.RECONNECT_MAX)
+        self.assertEqual(links.reconnect_delay(10**6, jitter=lambda: 0.0), links.RECONNECT_MAX)
 
     def test_link_retries_a_refused_connection_quickly(self):
         """A client started before its server connects a fraction of a second after it listens."""
@@ -303,7 +303,7 @@ class ReconnectDelayTests(SynchronousTestCase):
         host, port, factory, _, _ = reactor.tcpClients[0]
         self.assertEqual((host, port), ("127.0.0.9", 5005))
         factory.clientConnectionFailed(reactor.connectors[0], Failure(ConnectionRefusedError()))
-        reactor.advance(1.5 * client.RECONNECT_FIRST)
+        reactor.advance(1.5 * links.RECONNECT_FIRST)
         self.assertEqual(len(reactor.tcpClients), 2)
 
 

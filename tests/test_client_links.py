@@ -17,7 +17,7 @@ import os
 from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
-from cluster_backup import client
+from cluster_backup import client, links
 from cluster_backup.config import loads
 from cluster_backup.ledger import Ledger
 from cluster_backup.responder import ServerProtocol
@@ -65,7 +65,7 @@ class HungServerTests(SynchronousTestCase):
                 lambda sid: ("127.0.0.1", 1, "module", "user", "password"), self.clock)
             link = self.agent.links[source.host]
             _, _, pump = connectedServerAndClient(
-                lambda server=server: server, lambda link=link: client._LinkProtocol(link),
+                lambda server=server: server, lambda link=link: links.LinkProtocol(link),
                 clock=self.clock)
             self.ledgers[source.host] = ledger
             self.pumps[source.host] = pump
@@ -84,7 +84,7 @@ class HungServerTests(SynchronousTestCase):
         return st.state
 
     def test_lease_with_the_other_server_is_renewed_on_time(self):
-        timeout = client.call_timeout(INTERVAL)
+        timeout = links.call_timeout(INTERVAL)
         self.assertEqual(timeout, 30)
         hung_link = self.agent.links["hung"]
         # From now on the hung server's connection is never pumped again.
@@ -105,9 +105,9 @@ class HungServerTests(SynchronousTestCase):
         self.assertIsNone(hung_link.proto)
 
     def test_call_timeout_bounds(self):
-        self.assertEqual(client.call_timeout(0.5), client.CALL_TIMEOUT_MIN)
-        self.assertEqual(client.call_timeout(10), 30)
-        self.assertEqual(client.call_timeout(3600), client.CALL_TIMEOUT_MAX)
+        self.assertEqual(links.call_timeout(0.5), links.CALL_TIMEOUT_MIN)
+        self.assertEqual(links.call_timeout(10), 30)
+        self.assertEqual(links.call_timeout(3600), links.CALL_TIMEOUT_MAX)
 
     def test_a_round_goes_on_without_the_hung_server(self):
         """Needs are asked of both at once; the hung one's answer is given up on."""
@@ -119,7 +119,7 @@ class HungServerTests(SynchronousTestCase):
             self.pumps["ok"].flush()
         # Nothing moves until the hung server's call times out...
         self.assertEqual(self.clock.alive(), [])
-        self.clock.advance(client.call_timeout(INTERVAL))
+        self.clock.advance(links.call_timeout(INTERVAL))
         for _ in range(5):
             self.clock.advance(0)
             self.pumps["ok"].flush()
