@@ -50,6 +50,22 @@ def du(path: str) -> int:
     return int(out.stdout.split()[0])
 
 
+def inode_usage(path: str) -> int:
+    """C{du -sb} counting every inode once, whatever its links or moves while walked."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for folder, dirs, names in os.walk(path):
+        for name in [""] + dirs + names:
+            try:
+                st = os.lstat(os.path.join(folder, name) if name else folder)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+    return total
+
+
 class LocalCluster:
     """Sources, stores and their processes; see the module docstring."""
 
@@ -89,6 +105,7 @@ class LocalCluster:
         self.samples = 0
         self.max_used: dict[str, int] = defaultdict(int)
         self.violations: list[str] = []
+        self.du_races = 0  # samples du counted a moving file twice in (see sample)
         self._sampler: Optional[task.LoopingCall] = None
 
     # --- processes --------------------------------------------------------
@@ -132,14 +149,29 @@ class LocalCluster:
     # --- ground truth -----------------------------------------------------
 
     def sample(self) -> None:
-        """One quota sample of every store (C{du -sb}), as the rules demand."""
+        """
+        One quota sample of every store (C{du -sb}), as the rules demand.
+        C{du} is not atomic: a file renamed from a folder it has not read
+        yet into one it has not read yet (rsync's temp file into the
+        layout, a kept version into the update folder) is counted twice.
+        So a sample over the quota is measured again counting each inode
+        once, and only a second measure over the quota is a violation (two
+        distinct files are two files however they are walked).
+        """
         self.samples += 1
         for st in self.stores:
             if os.path.isdir(st["path"]):
                 used = du(st["path"])
-                self.max_used[st["name"]] = max(self.max_used[st["name"]], used)
                 if used > st["size_bytes"]:
-                    self.violations.append(f"{st['name']}: du -sb {used} > {st['size_bytes']}")
+                    again = inode_usage(st["path"])
+                    if again > st["size_bytes"]:
+                        self.violations.append(
+                            f"{st['name']}: du -sb {used}, each inode once {again} "
+                            f"> {st['size_bytes']}")
+                    else:
+                        self.du_races += 1
+                        used = again
+                self.max_used[st["name"]] = max(self.max_used[st["name"]], used)
 
     def copy_path(self, store: dict, source: dict, rel: bytes) -> bytes:
         return os.path.join(os.fsencode(store["path"]), os.fsencode(source["host"]),
