@@ -260,6 +260,35 @@ class LocalCluster:
         return stray
 
 
+def check_ground_truth(case, cluster: LocalCluster, exclude_hosts: Collection[str] = ()) -> dict:
+    """
+    What every scenario ends with, read from the stores' folders: every
+    file of every source at its copies on distinct hosts (not counting
+    C{exclude_hosts}) with the source's bytes, no host holding a file
+    twice, nothing outside the layout, no quota sample over its quota.
+    Asserts with C{case}; returns the figures.
+    """
+    files = sum(len(source_files(os.fsencode(s["path"]))) for s in cluster.sources)
+    case.assertEqual(cluster.under_replicated(check_bytes=True, exclude_hosts=exclude_hosts),
+                     [])
+    case.assertEqual(cluster.double_copies(), [])
+    case.assertEqual(cluster.stray_files(), [])
+    cluster.sample()
+    case.assertGreater(cluster.samples, 4)
+    case.assertEqual(cluster.violations, [])
+    if os.environ.get("CBACKUP_TEST_LOGS"):
+        print(cluster.logs())
+    return {"files_checked": files, "bytes_compared": sum(
+        tree_bytes(s["path"]) * s["copies"] for s in cluster.sources),
+        "quota_samples": cluster.samples, "quota_violations": len(cluster.violations),
+        "du_counted_a_moving_file_twice": cluster.du_races}
+
+
+def tree_bytes(path: str) -> int:
+    """Bytes of the files and symlinks under C{path}."""
+    return sum(size for kind, size, _ in source_files(os.fsencode(path)).values())
+
+
 def kept_holders(cluster: LocalCluster, source: dict, rel: bytes, original: bytes) -> set[str]:
     """
     The store hosts that keep a superseded version of C{rel} (rule 7) in

@@ -13,7 +13,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from tests import slow
-from tests.cluster_harness import LocalCluster, sleep, source_files
+from tests.cluster_harness import LocalCluster, check_ground_truth, sleep, source_files
 from tests.harness import wait_for
 
 
@@ -45,14 +45,7 @@ class ConvergenceTests(TestCase):
         return cluster.converge(timeout)
 
     def check_ground_truth(self, cluster: LocalCluster):
-        self.assertEqual(cluster.under_replicated(check_bytes=True), [])
-        self.assertEqual(cluster.double_copies(), [])
-        self.assertEqual(cluster.stray_files(), [])
-        cluster.sample()
-        self.assertGreater(cluster.samples, 4)
-        self.assertEqual(cluster.violations, [])
-        if os.environ.get("CBACKUP_TEST_LOGS"):
-            print(cluster.logs())
+        check_ground_truth(self, cluster)
 
     @inlineCallbacks
     def test_enough_space_then_change_and_delete(self):

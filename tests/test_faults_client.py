@@ -25,7 +25,8 @@ from twisted.trial.unittest import TestCase
 
 from tests import slow
 from tests.figures import record as figures_record
-from tests.cluster_harness import LocalCluster, same_content, sleep, source_files
+from tests.cluster_harness import (LocalCluster, check_ground_truth, same_content, sleep,
+                                   source_files)
 from tests.harness import wait_for
 
 MiB = 1 << 20
@@ -107,12 +108,7 @@ class ClientFaultTests(TestCase):
         return cluster.converge(timeout)
 
     def check_ground_truth(self, cluster: LocalCluster):
-        self.assertEqual(cluster.under_replicated(check_bytes=True), [])
-        self.assertEqual(cluster.double_copies(), [])
-        self.assertEqual(cluster.stray_files(), [])
-        cluster.sample()
-        self.assertGreater(cluster.samples, 4)
-        self.assertEqual(cluster.violations, [])
+        check_ground_truth(self, cluster)
         copies = bytes_ = 0
         for st in cluster.stores:
             for s in cluster.sources:

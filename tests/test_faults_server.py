@@ -23,7 +23,8 @@ from twisted.trial.unittest import TestCase
 
 from tests import slow
 from tests.figures import record as figures_record
-from tests.cluster_harness import LocalCluster, sleep, source_files
+from tests.cluster_harness import (LocalCluster, check_ground_truth, sleep, source_files,
+                                   tree_bytes)
 from tests.harness import wait_for
 
 MiB = 1 << 20
@@ -36,10 +37,6 @@ DEAD = re.compile(r"store (\S+) is dead")
 def store(host, address, name, size):
     return {"host": host, "address": address, "name": name, "size": str(size),
             "size_bytes": size}
-
-
-def tree_bytes(path: str) -> int:
-    return sum(size for kind, size, _ in source_files(os.fsencode(path)).values())
 
 
 def copies_on_disk(cluster: LocalCluster) -> dict[tuple[str, bytes], tuple]:
@@ -130,19 +127,7 @@ class ServerFaultTests(TestCase):
         return cluster.converge(timeout, exclude_hosts)
 
     def check_ground_truth(self, cluster: LocalCluster, exclude_hosts=()) -> dict:
-        files = sum(len(source_files(os.fsencode(s["path"]))) for s in cluster.sources)
-        self.assertEqual(cluster.under_replicated(check_bytes=True,
-                                                  exclude_hosts=exclude_hosts), [])
-        self.assertEqual(cluster.double_copies(), [])
-        self.assertEqual(cluster.stray_files(), [])
-        cluster.sample()
-        self.assertGreater(cluster.samples, 4)
-        self.assertEqual(cluster.violations, [])
-        if os.environ.get("CBACKUP_TEST_LOGS"):
-            print(cluster.logs())
-        return {"files_checked": files, "bytes_compared": sum(
-            tree_bytes(s["path"]) * s["copies"] for s in cluster.sources),
-            "quota_samples": cluster.samples, "quota_violations": len(cluster.violations)}
+        return check_ground_truth(self, cluster, exclude_hosts)
 
     # --- 1 ---------------------------------------------------------------
 
