@@ -152,6 +152,9 @@ class Agent(MultiService):
         #: (L{_report_changes}): layout paths removed, versions kept, kept
         #: versions deleted.
         self.unreported: dict[str, Unreported] = defaultdict(Unreported)
+        #: source id -> paths whose copy here is a version the source
+        #: replaced, to move into the kept versions (L{_keep_old_versions}).
+        self.to_keep: dict[str, dict[bytes, None]] = defaultdict(dict)
         #: (source id, path) -> a kept old version of that file the server
         #: let go, to be updated in place into the new version (rule 7).
         self.basis: dict[tuple[str, bytes], FileRecord] = {}
@@ -304,38 +307,42 @@ class Agent(MultiService):
                      "kept for {keep}", store=self.id, n=len(answer.orphans),
                      source=source.id, keep=f"{source.keep_deleted:.0f}s")
         if answer.stale:
-            kept = self._keep_old_versions(source, answer.stale)
-            log.info("{store}: {n} files of {source} changed at the source; {kept} old "
-                     "versions kept for {keep}, the new ones will be fetched",
-                     store=self.id, n=len(answer.stale), source=source.id, kept=kept,
+            # Kept at the start of the next round, in slices (rule 9).
+            self.to_keep[source.id].update(dict.fromkeys(answer.stale))
+            log.info("{store}: {n} files of {source} changed at the source; their old "
+                     "versions are kept for {keep}, the new ones will be fetched",
+                     store=self.id, n=len(answer.stale), source=source.id,
                      keep=f"{source.keep_deleted:.0f}s")
 
-    def _keep_old_versions(self, source: Source, paths) -> int:
+    async def _keep_old_versions(self) -> None:
         """
-        Move this store's copies of C{paths} (versions the source replaced)
-        out of the layout into its kept versions (rule 7), where the room for
-        their folders allows; returns how many were kept.  A copy that
-        cannot be kept stays in the layout as a stale copy.
+        Move this store's copies of the versions its sources replaced
+        (L{to_keep}) out of the layout into its kept versions (rule 7), in
+        chunks of at most L{REMOVE_CHUNK} between which the reactor runs,
+        as long as the store has room for their folders.  A copy that cannot
+        be kept stays in the layout as a stale copy (its drop needs another
+        host to keep that version too).
         """
         now = self.reactor.seconds()
-        held = self.store.files.get(source.id, {})
-        delta = self.unreported[source.id]
-        kept = 0
-        for path in paths:
-            if path not in held:
-                continue
-            try:
-                if self.store.keep_cost(source.host, source.path, path) > self.store.free:
-                    continue
-                record = self.store.keep(source.host, source.path, path, now)
-            except (OSError, StoreError) as e:
-                log.warn("{store}: cannot keep the old version of {path} of {source}: {why}",
-                         store=self.id, path=os.fsdecode(path), source=source.id, why=str(e))
-                continue
-            delta.removed.append(path)
-            delta.kept.append(record)
-            kept += 1
-        return kept
+        for sid in list(self.to_keep):
+            source = self.by_id[sid]
+            paths = list(self.to_keep.pop(sid))
+            while paths and not self._stopping:
+                slice_ends = time.monotonic() + REMOVE_SLICE
+                while paths and time.monotonic() < slice_ends:
+                    chunk, paths = paths[:REMOVE_CHUNK], paths[REMOVE_CHUNK:]
+                    try:
+                        room = [p for p in chunk if self.store.keep_cost(
+                            source.host, source.path, p) <= self.store.free]
+                        kept = self.store.keep(source.host, source.path, room, now)
+                    except (OSError, StoreError) as e:
+                        log.warn("{store}: cannot keep old versions of {source}: {why}",
+                                 store=self.id, source=sid, why=str(e))
+                        kept = []
+                    delta = self.unreported[sid]
+                    delta.removed += [r.path for r in kept]
+                    delta.kept += kept
+                await deferLater(self.reactor, 0, lambda: None)
 
     def renew(self) -> None:
         """
@@ -390,6 +397,7 @@ class Agent(MultiService):
         One plan-and-act round.  True when it did or awaits work (so the
         next round comes soon), False when there was nothing to do.
         """
+        await self._keep_old_versions()
         # Still checking the previous round's last batch while asking for
         # needs: what that check removes is not among them.
         checking_before = self._checking is not None and not self._checking.called

@@ -741,31 +741,38 @@ class Store:
         c = self.dir_costs
         return missing * c.new_dir + (missing + 1) * c.entry
 
-    def keep(self, source_host: str, source_path: str, relpath: bytes,
-             now: float) -> Optional[FileRecord]:
+    def keep(self, source_host: str, source_path: str, relpaths: Iterable[bytes],
+             now: float) -> list[FileRecord]:
         """
-        Move the layout copy of C{relpath} (a version the source replaced)
-        into L{KEPT}, as an orphan first seen C{now}; returns its record, or
-        None when the layout has no such copy.  The layout then has no copy
-        of C{relpath}.
+        Move the layout copies of C{relpaths} (versions the source replaced)
+        into L{KEPT}, as orphans first seen C{now}, marked in one write;
+        returns their records (a path the layout has no copy of is
+        skipped).  The layout then has no copy of those paths.  A refused
+        path (L{StoreError}) or a failed move ends the call; the copies
+        moved before it are kept and marked.
         """
         sid = f"{source_host}:{source_path}"
-        record = self.files.get(sid, {}).get(relpath)
-        if record is None:
-            return None
-        parts = self._kept_parts(source_host, source_path, record)
-        target, missing = self._checked_parents(parts, relpath)
-        source = self.path_of(source_host, source_path, relpath)
-        if missing:
-            os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
-        os.rename(source, target)
-        self.files[sid].pop(relpath)
-        self.kept.setdefault(sid, {})[record] = parts[1]
-        self._refresh_dirs(parts[:-1])
         top = _source_parts(source_host, source_path)
-        self._prune(top + relpath.split(b"/")[:-1], len(top), 0)
-        self.mark_orphans(sid, [kept_key(record)], now)
-        return record
+        kept: list[FileRecord] = []
+        try:
+            for relpath in relpaths:
+                record = self.files.get(sid, {}).get(relpath)
+                if record is None:
+                    continue
+                parts = self._kept_parts(source_host, source_path, record)
+                target, missing = self._checked_parents(parts, relpath)
+                source = self.path_of(source_host, source_path, relpath)
+                if missing:
+                    os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+                os.rename(source, target)
+                self.files[sid].pop(relpath)
+                self.kept.setdefault(sid, {})[record] = parts[1]
+                self._refresh_dirs(parts[:-1])
+                self._prune(top + relpath.split(b"/")[:-1], len(top), 0)
+                kept.append(record)
+        finally:
+            self.mark_orphans(sid, [kept_key(r) for r in kept], now)
+        return kept
 
     def remove_kept(self, source_host: str, source_path: str, record: FileRecord) -> int:
         """
@@ -830,9 +837,15 @@ class Store:
 
     def clean_update(self, source_host: str, source_path: str) -> None:
         """Empty the update folder of a source (what an update left unfinished)."""
-        dest_root = os.path.join(self.update_dir, *_source_parts(source_host, source_path))
+        parts = _source_parts(source_host, source_path)
+        dest_root = os.path.join(self.update_dir, *parts)
         if _lstat(dest_root) is not None:
             shutil.rmtree(dest_root)
+        for n in range(len(parts) - 1, 0, -1):  # and the folders left empty
+            try:
+                os.rmdir(os.path.join(self.update_dir, *parts[:n]))
+            except OSError:
+                break
         self.measure_state()
 
     def _prune(self, parts: list[bytes], keep: int, missing: int) -> None:

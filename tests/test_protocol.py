@@ -1307,6 +1307,48 @@ class AcceptTests(SynchronousTestCase):
         self.assertIsNotNone(self.real.status().held)
 
 
+class KeptVersionTests(SynchronousTestCase):
+    """Report's kept/unkept and DropKept over AMP against a real L{Ledger} (rule 7)."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.real = Ledger(SOURCE, 1, self.clock, REAL_STORES)
+        self.real.scan_started()
+        self.real.scan_batch(FILES)
+        self.real.scan_finished(True)
+        self.h = Harness(self, ledgers={SOURCE: self.real})
+        self.h.login()
+        for store in REAL_STORES:
+            if store != STORE:
+                self.real.inventory_started(store)
+                self.real.inventory_finished(store)
+        self.old = FileRecord(b"a.txt", 9, 50)
+
+    def test_inventory_kept_then_drop_only_while_kept_elsewhere(self):
+        self.h.ok(S.report_inventory(self.h.client, SOURCE, STORE, FILES, kept=[self.old]))
+        self.assertFalse(self.real.safemode)
+        self.assertEqual(self.h.ok(S.drop_kept(self.h.client, SOURCE, STORE, [self.old])), [])
+        self.real.report(FOREIGN_STORE, [], kept=[self.old])
+        granted = self.h.ok(S.drop_kept(self.h.client, SOURCE, STORE, [self.old]))
+        self.assertEqual(list(granted), [self.old])
+        # Granted at once: the other host's copy is now the last one.
+        self.assertEqual(self.real.drop_kept(FOREIGN_STORE, [self.old]), [])
+
+    def test_delta_kept_and_unkept(self):
+        self.h.ok(S.report_inventory(self.h.client, SOURCE, STORE, FILES))
+        self.real.report(FOREIGN_STORE, [], kept=[self.old])
+        self.h.ok(S.report_delta(self.h.client, SOURCE, STORE, kept=[self.old]))
+        self.h.ok(S.report_delta(self.h.client, SOURCE, STORE, unkept=[self.old]))
+        self.assertEqual(self.h.ok(S.drop_kept(self.h.client, SOURCE, STORE, [self.old])), [])
+
+    def test_bad_kept_path_refused(self):
+        self.h.ok(S.report_inventory(self.h.client, SOURCE, STORE, FILES))
+        d = self.h.client.callRemote(P.Report, source=SOURCE, store=STORE, files=[],
+                                     removed=[], inventory="",
+                                     kept=[FileRecord.unchecked(b"../x", 1, 1)])
+        self.h.refused(d, P.BadPath, P.BadArgument)
+
+
 # ---------------------------------------------------------------- encodings
 
 

@@ -18,7 +18,7 @@ from twisted.trial import unittest
 
 from cluster_backup.orphan_index import WAL_LIMIT
 from cluster_backup.records import FileRecord
-from cluster_backup.store import DirCosts, Store, StoreError, tree_usage
+from cluster_backup.store import KEPT, DirCosts, Store, StoreError, kept_key, tree_usage
 
 try:
     import pytest
@@ -738,6 +738,69 @@ class OrphanScaleTests(unittest.SynchronousTestCase):
         self.assertEqual(again.orphans(), {})
         again.inventory([DATA])
         self.assertEqual(again.used, again.usage())
+
+
+class KeptVersionTests(unittest.SynchronousTestCase):
+    """
+    Versions the source replaced, kept out of the layout (rule 7): moved
+    there, counted (du -sb stays equal to the running figure), found again
+    by an inventory, deleted, or rewritten in place into the new version.
+    """
+
+    def setUp(self):
+        self.store = Store(self.mktemp(), size=10 << 20)
+        self.store.inventory([DATA])
+        for rel, size in ((b"a/b/f", 1000), (b"a/g", 300), (NONUTF8, 5)):
+            write(self.store.path_of(DATA.host, DATA.path, rel), size)
+        self.store.refresh_many(DATA.host, DATA.path, [b"a/b/f", b"a/g", NONUTF8])
+        self.assertEqual(self.store.used, du(self.store.root))
+
+    def test_keep_moves_out_of_the_layout_and_counts(self):
+        kept = self.store.keep(DATA.host, DATA.path, [b"a/b/f", NONUTF8, b"absent"], 100.0)
+        self.assertEqual([r.path for r in kept], [b"a/b/f", NONUTF8])
+        f = kept[0]
+        where = os.path.join(self.store.root, KEPT, b"%d.%d" % (f.mtime, f.size),
+                             os.fsencode(DATA.host), b"srv/data/a/b/f")
+        self.assertTrue(os.path.isfile(where))
+        self.assertFalse(os.path.lexists(self.store.path_of(DATA.host, DATA.path, b"a/b/f")))
+        self.assertFalse(os.path.lexists(self.store.source_dir(DATA.host, DATA.path) + b"/a/b"))
+        self.assertEqual(set(self.store.files[DATA.id]), {b"a/g"})
+        self.assertEqual(self.store.used, du(self.store.root))
+        self.assertEqual(self.store.orphans()[(DATA.id, kept_key(f))], 100.0)
+        # A fresh store finds them again, with their marks.
+        again = Store(self.store.root, size=10 << 20)
+        again.inventory([DATA])
+        self.assertEqual(set(again.kept[DATA.id]), set(kept))
+        self.assertEqual(set(again.files[DATA.id]), {b"a/g"})
+        self.assertEqual(again.used, du(again.root))
+        self.assertEqual(again.orphans()[(DATA.id, kept_key(f))], 100.0)
+
+    def test_remove_kept(self):
+        [f] = self.store.keep(DATA.host, DATA.path, [b"a/b/f"], 100.0)
+        freed = self.store.remove_kept(DATA.host, DATA.path, f)
+        self.assertGreaterEqual(freed, 1000)
+        self.assertEqual(os.listdir(os.path.join(self.store.root, KEPT)), [])
+        self.assertEqual(self.store.kept[DATA.id], {})
+        self.assertEqual(self.store.orphans(), {})
+        self.assertEqual(self.store.used, du(self.store.root))
+
+    def test_update_in_place_then_into_the_layout(self):
+        [f] = self.store.keep(DATA.host, DATA.path, [b"a/b/f"], 100.0)
+        dest = self.store.take_for_update(DATA.host, DATA.path, f)
+        self.assertEqual(self.store.used, du(self.store.root))
+        self.assertEqual(self.store.kept[DATA.id], {})
+        write(os.path.join(dest, b"a/b/f"), 1500)  # what rsync --inplace does
+        self.store.finish_update(DATA.host, DATA.path, [b"a/b/f", b"a/never-updated"])
+        self.store.refresh_many(DATA.host, DATA.path, [b"a/b/f"])
+        self.store.clean_update(DATA.host, DATA.path)
+        self.assertEqual(self.store.files[DATA.id][b"a/b/f"].size, 1500)
+        self.assertEqual(os.listdir(self.store.update_dir), [])
+        self.assertEqual(self.store.used, du(self.store.root))
+
+    def test_keep_refuses_a_symlinked_kept_folder(self):
+        os.symlink(b"/tmp", os.path.join(self.store.root, KEPT))
+        self.assertRaises(StoreError, self.store.keep, DATA.host, DATA.path, [b"a/g"], 1.0)
+        self.assertIn(b"a/g", self.store.files[DATA.id])
 
 
 class FakeStatvfs:
