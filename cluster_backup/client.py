@@ -191,17 +191,21 @@ class Agent(MultiService):
         self._ready.addCallbacks(self._counted, self._count_failed,
                                  callbackArgs=(started,))
 
-    def _count(self, stop: threading.Event) -> None:
-        """Blocking start-up work, in a thread: stray rsyncs, then the inventory."""
+    def _count(self, stop: threading.Event) -> int:
+        """
+        Blocking start-up work, in a thread (it logs nothing there): stray
+        rsyncs, then the inventory.  Returns how many rsyncs it killed.
+        """
         # A client killed with -9 leaves its rsyncs running: stop them
         # before counting and cleaning what they write.
         killed = transfer.kill_strays(self._rsync_marker())
+        self.store.inventory(self.sources, stop=stop)
+        return killed
+
+    def _counted(self, killed: int, started: float) -> None:
         if killed:
             log.warn("{store}: killed {n} rsync processes left by a previous client",
                      store=self.id, n=killed)
-        self.store.inventory(self.sources, stop=stop)
-
-    def _counted(self, _, started: float) -> None:
         if self._stopping:
             return
         self.store.clean_partials()
