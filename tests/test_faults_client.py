@@ -186,6 +186,14 @@ class ClientFaultTests(TestCase):
             except AssertionError:
                 pass
             yield sleep(rnd.uniform(0.2, 2.0))
+            if not rsync_pids(marker):
+                # That rsync ended meanwhile (a loaded machine, a short
+                # batch): kill the next one, as soon as it runs.
+                try:
+                    yield wait_for(lambda: rsync_pids(marker), timeout=15, interval=0.05,
+                                   what="the next rsync of st41")
+                except AssertionError:
+                    pass
             in_flight += bool(rsync_pids(marker))
             victim.popen.send_signal(signal.SIGKILL)
             victim.popen.wait()
