@@ -742,7 +742,8 @@ class Agent(MultiService):
             if paths:
                 grant = await session.claim(proto, source.id, self.id, paths, fill=fill)
                 granted.update(grant.granted)
-        batch = [n for n in needs if n.path in granted]
+        batch = await self._keep_before_fetch(proto, source,
+                                              [n for n in needs if n.path in granted])
         if not batch:
             return 0
         keys = {(source.id, n.path) for n in batch}
@@ -785,6 +786,28 @@ class Agent(MultiService):
 
         later.append(settle)
         return len(arrived)
+
+    async def _keep_before_fetch(self, proto, source: Source, batch: list) -> list:
+        """
+        Of C{batch} (needs claimed), those to fetch now.  A file this store
+        holds at another version than the one offered is a version the
+        source replaced, even if the server's word of it has not come yet:
+        its copy is kept (rule 7) before rsync would write over it.  One
+        that cannot be kept (no room for its folders) is not fetched, and
+        its claim is released.
+        """
+        held = self.store.files.get(source.id, {})
+        old = [n.path for n in batch
+               if n.path in held and (held[n.path].size, held[n.path].mtime) != (n.size, n.mtime)]
+        if not old:
+            return batch
+        self.to_keep[source.id].update(dict.fromkeys(old))
+        await self._keep_old_versions()
+        held = self.store.files.get(source.id, {})
+        stuck = {p for p in old if p in held}
+        if stuck:
+            await release_claims(proto, source.id, self.id, sorted(stuck))
+        return [n for n in batch if n.path not in stuck]
 
     async def _update_in_place(self, source: Source, grant, paths: list):
         """

@@ -839,6 +839,8 @@ class Ledger:
         if too_big(change, self._max_change):
             since = self._held.since if self._held is not None else now
             self._held = _Held(change, changes, deleted, complete, error, since, now)
+            if complete:
+                self._scan_error = error  # this scan could read the source
             return
         self._held = None
         self._apply(changes, deleted, complete, error, now)

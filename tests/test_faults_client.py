@@ -165,7 +165,7 @@ class ClientFaultTests(TestCase):
         stores = [store("st41", "127.0.0.41", "st41", 70 * MiB),
                   store("st42", "127.0.0.42", "st42", 300 * MiB),
                   store("st43", "127.0.0.43", "st43", 300 * MiB)]
-        cluster = self.make("kill9", sources, stores, BWLIMIT="6m")
+        cluster = self.make("kill9", sources, stores, BWLIMIT="3m")
         src = os.fsencode(cluster.sources[0]["path"])
         # Big files sort after most small ones (rsync takes a batch in
         # order), so small files complete between kills and big ones are cut.

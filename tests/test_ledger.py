@@ -749,6 +749,14 @@ class HeldScanTests(SynchronousTestCase):
         self.assertEqual(ledger.status().scan_error, "permission denied")
         self.assertEqual(ledger.status().files, 100)  # an incomplete scan removes nothing
 
+    def test_a_held_complete_scan_ends_an_earlier_scan_error(self):
+        ledger, _ = self.held_ledger()
+        scan(ledger, self.FILES[:90], complete=False, error="2 entries vanished")
+        self.assertEqual(ledger.status().scan_error, "2 entries vanished")
+        scan(ledger, [])  # complete, and held
+        self.assertIsNotNone(ledger.status().held)
+        self.assertIsNone(ledger.status().scan_error)
+
     def test_deleted_bytes_count(self):
         files = [rec(b"big", 10_000, 1)] + self.FILES[:30]
         ledger, _ = self.held_ledger(files=files)
