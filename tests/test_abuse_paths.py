@@ -38,8 +38,13 @@ ODD = [b"caf\xe9", b"new\nline", b"-rf", b"#comment", b";semi", b"sp ace", b"\\x
        b"a" * 255, b"/".join([b"d"] * 2000)]
 
 
-def raw_needs(paths, size=10, mtime=1_700_000_000) -> bytes:
-    return raw_needs_of((p, size, mtime, 0, 1) for p in paths)
+def raw_needs(paths, size=10, mtime=1_700_000_000, versions=None) -> bytes:
+    """
+    Needs for C{paths}: at the version in C{versions} (path -> (size, mtime))
+    where it names one, else at C{size} and C{mtime}.
+    """
+    versions = versions or {}
+    return raw_needs_of((p, *versions.get(p, (size, mtime)), 0, 1) for p in paths)
 
 
 class DecodingTests(SynchronousTestCase):
@@ -169,7 +174,8 @@ class HostileServer(amp.AMP):
         i = min(self.script["pages"], len(HOSTILE_PAGES) - 1)
         self.script["pages"] += 1
         self.script["current"] = i
-        return dict(needs=raw_needs(HOSTILE_PAGES[i][0]), safemode=False)
+        return dict(needs=raw_needs(HOSTILE_PAGES[i][0], versions=self.script["versions"]),
+                    safemode=False)
 
     @RawListSurplus.responder
     def list_surplus(self, source, store, limit, cursor=None):
@@ -235,8 +241,15 @@ class HostileServerTests(TestCase):
 
     @inlineCallbacks
     def test_client_writes_nothing_outside_its_store(self):
+        # The legal names are offered at the version the rsync daemon serves, as
+        # an honest server would: a copy at another version would be kept aside
+        # (rule 7) and fetched again, and this test is about names, not versions.
+        versions = {}
+        for name in os.listdir(self.evil.encode()):
+            st = os.lstat(os.path.join(self.evil.encode(), name))
+            versions[name] = (st.st_size, int(st.st_mtime))
         state = dict(connections=0, reports=0, pages=0, claims=0, current=0,
-                     address=ADDRESS, rsync_port=self.port + 1)
+                     address=ADDRESS, rsync_port=self.port + 1, versions=versions)
         for k in ("connections", "reports", "pages", "claims"):
             state[k] = 0
         port = yield TCP4ServerEndpoint(reactor, self.port, interface=ADDRESS).listen(
@@ -274,6 +287,9 @@ class HostileServerTests(TestCase):
         for name in (b"ok.txt", b"caf\xe9", b"new\nline", b"evil-link"):
             self.assertIn(b"store/evil/data/" + name, fetched, sorted(fetched))
         self.assertEqual(after[b"store/evil/data/evil-link"][0], "link")
+        kept = sorted(p for p in after if p.startswith(b"store/.cbackup-kept/")
+                      and after[p][0] != "dir")
+        self.assertEqual(kept, [], "a copy at the offered version was set aside")
         for p in created:
             if after[p][0] == "file":
                 with open(os.path.join(self.parent.encode(), p), "rb") as f:
