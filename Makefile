@@ -29,13 +29,13 @@ rsync:
 demo: $(STAMP) rsync
 	$(VENV)/bin/cbackup demo --dir demo
 
-# Every test once: the unit tests under trial, then the scenario tests
-# (marked slow: real processes) under pytest.  Those mostly wait on their
-# processes, so three workers run them, one test file each at a time
-# (every scenario has its own addresses).
+# Every test once: the unit tests under trial (two workers, one a core),
+# then the scenario tests (marked slow: real processes) under pytest.  Those
+# mostly wait on their processes, so three workers run them, a test at a
+# time each (every scenario test has its own addresses and folders).
 test: $(STAMP) rsync
-	CBACKUP_SKIP_SLOW=1 HYPOTHESIS_PROFILE=ci $(PY) -m twisted.trial tests
-	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -m slow -n 3 --dist loadfile
+	CBACKUP_SKIP_SLOW=1 HYPOTHESIS_PROFILE=ci $(PY) -m twisted.trial -j 2 tests
+	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -m slow -n 3 --dist load
 
 test-fast: $(STAMP) rsync
 	$(PY) -m pytest -m "not slow" -q

@@ -224,7 +224,9 @@ class ClientFaultTests(TestCase):
         stores = [store("st46", "127.0.0.46", "st46", 200 * MiB),
                   store("st47", "127.0.0.47", "st47", 200 * MiB),
                   store("st48", "127.0.0.48", "st48", 200 * MiB)]
-        cluster = self.make("enospc", sources, stores, BWLIMIT="6m")
+        # 2 MB/s: st46's first transfers take seconds, so the other writer
+        # below lands while one is in flight even on a loaded machine.
+        cluster = self.make("enospc", sources, stores, BWLIMIT="2m")
         small = cluster.stores[0]
         # A 24 MiB tmpfs holds st46's folder (bind-mounted from fs/store)
         # and room for "someone else's" file beside it.
@@ -251,25 +253,28 @@ class ClientFaultTests(TestCase):
             return sum(size for _, size, _ in source_files(mine).values()) \
                 if os.path.isdir(mine) else 0
 
-        # Once st46 is well under way, another writer takes all but 3 MiB
-        # of the filesystem: the rsync in flight meets ENOSPC.
-        yield wait_for(lambda: held() > 4 * MiB, timeout=60, interval=0.05,
+        # Once st46 is under way, another writer takes all but 1 MiB of
+        # the filesystem: the rsync in flight meets ENOSPC.
+        yield wait_for(lambda: held() > 2 * MiB, timeout=60, interval=0.05,
                        what="st46 filling")
         st = os.statvfs(fs)
         with open(os.path.join(fs, "filler"), "wb") as f:
-            f.write(b"\0" * (st.f_bavail * st.f_frsize - 3 * MiB))
+            f.write(b"\0" * (st.f_bavail * st.f_frsize - 1 * MiB))
         self.figures.add("faults")
 
         def log() -> str:
             return cluster.process("cbackup-client", "st46").log()
 
-        yield wait_for(lambda: "filesystem is full" in log(), timeout=60,
-                       what="st46 noticing its full filesystem")
+        try:
+            yield wait_for(lambda: "filesystem is full" in log(), timeout=60,
+                           what="st46 noticing its full filesystem")
+        except AssertionError as e:
+            self.fail(f"{e}; st46 holds {held()} B; its log ends:\n{log()[-4000:]}")
         at_enospc = held()
         yield sleep(2)  # rounds on the full filesystem
         self.assertEqual(self.layout_problems(cluster, small), [])
         # The other writer frees 8 MiB: st46 goes on with what fits.
-        os.truncate(os.path.join(fs, "filler"), st.f_bavail * st.f_frsize - 11 * MiB)
+        os.truncate(os.path.join(fs, "filler"), st.f_bavail * st.f_frsize - 9 * MiB)
         yield wait_for(lambda: held() > at_enospc + 4 * MiB, timeout=60,
                        what="st46 using the room freed")
         yield self.converge(cluster)
