@@ -56,11 +56,13 @@ def write(path: bytes, size: int) -> None:
         f.write(b"x" * size)
 
 
-def fetch_like_rsync(store: Store, src: Src, rel: bytes, size: int) -> int:
+def fetch_like_rsync(store: Store, src: Src, rel: bytes, size: int,
+                     mtime: int = 1_700_000_000) -> int:
     """
     Do what rsync does to land C{rel} (parents created, a temp file beside
-    the final name, renamed over it; an existing old version stays until
-    then), then L{Store.refresh}.  Returns the peak growth of C{du -sb}.
+    the final name given the source's C{mtime}, renamed over it; an
+    existing old version stays until then), then L{Store.refresh}.
+    Returns the peak growth of C{du -sb}.
     """
     before = du(store.root)
     final = store.path_of(src.host, src.path, rel)
@@ -68,6 +70,7 @@ def fetch_like_rsync(store: Store, src: Src, rel: bytes, size: int) -> int:
     peaks = [du(store.root)]
     tmp = os.path.join(os.path.dirname(final), b"." + os.path.basename(final)[:200] + b".Xa9Zq1")
     write(tmp, size)
+    os.utime(tmp, (mtime, mtime))
     peaks.append(du(store.root))
     os.rename(tmp, final)
     peaks.append(du(store.root))
