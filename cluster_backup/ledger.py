@@ -62,6 +62,11 @@ _SURPLUS_TAG = 2  # surplus() cursors: a needs cursor is no surplus cursor
 # A count byte of _CAP means "_CAP or more": the exact count is in _big (a
 # free id, in no tier, has _CAP and is not in _big).
 _CAP = 255
+#: Room beyond a file's size a store's last report must show for the fill
+#: rule to count the store as a place for the file (its folders, block
+#: rounding): a file that fits only without it counts as fitting nowhere,
+#: which starts fill early rather than late.
+FIT_SLACK = 1 << 20
 _BYTE = [bytes([c]) for c in range(256)]
 # Knuth's MMIX linear congruential generator, for listing starts.
 _LCG_A, _LCG_C, _M64 = 6364136223846793005, 1442695040888963407, (1 << 64) - 1
@@ -280,6 +285,10 @@ class Ledger:
         # When a claim on a low file was last granted or renewed: fill waits
         # for the low files only while somebody is fetching them.
         self._low_claimed = self._created
+        # (key, when, result) of the last L{_low_placeable}; the key counts
+        # changes of stores' reported usage among other things.
+        self._placeable: Optional[tuple[tuple, float, bool]] = None
+        self._usage_changes = 0
         self._holders: list[int] = []  # mask of stores holding it current
         self._free: list[int] = []
         self._tally: dict[int, list[int]] = {}  # count -> [files, bytes]
@@ -392,16 +401,62 @@ class Ledger:
     @property
     def fill_waits(self) -> bool:
         """
-        True while greedy fill of this source waits (see L{claim}): some
-        file is below its copies and a store claimed one of those within
-        C{stuck_after}.  Clients hold fill of every source while one of theirs
-        says so, so surplus of one source does not take the bandwidth and
-        the time the copies another still needs are being fetched in.
+        True while greedy fill of this source waits (see L{claim}).  Clients
+        hold fill of every source while one of theirs says so, so surplus of
+        one source does not take the bandwidth and the time the copies
+        another still needs are being fetched in.
         """
         return self._fill_waits(self._tick())
 
     def _fill_waits(self, now: float) -> bool:
-        return bool(self._lows) and now - self._low_claimed < self._stuck_after
+        """
+        The fill rule: greedy fill waits while a file below its copies is
+        being fetched or could be, that is, while one is claimed or fits in
+        the free room of a live store on a host without a copy of it
+        (L{_low_placeable}).  A low file that fits nowhere starts fill at
+        once: surplus copies filled into the stores with room are what let
+        a full store drop one and take that file in.  Backstop: a file the
+        ledger thinks fits but that no store claims for C{stuck_after}
+        (the store sees less room than its report said) starts fill too.
+        """
+        if not self._lows:
+            return False
+        key = (self._lows, self._live, len(self._claims), self._usage_changes)
+        cached = self._placeable
+        if cached is None or cached[0] != key or now - cached[1] >= 1.0:
+            found = any(self._low[i] for i in self._claims) or self._low_placeable()
+            self._placeable = cached = (key, now, found)
+        return cached[2] and now - self._low_claimed < self._stuck_after
+
+    def _low_placeable(self) -> bool:
+        """
+        Whether some file below its copies, unclaimed, fits (with
+        L{FIT_SLACK} to spare) in the free room (quota minus used, as last
+        reported) of a live store on a host that holds no copy of it.  A
+        store that has not reported its usage is no place.
+        L{_fill_waits} keeps the answer for a second while nothing it
+        depends on changed in number: the walk over the low files is long
+        only when none fits anywhere.
+        """
+        rooms = []
+        for s in range(len(self._store_ids)):
+            used, quota = self._used[s], self._quota[s]
+            if self._live >> s & 1 and used is not None and quota is not None:
+                room = quota - used - FIT_SLACK
+                if room > 0:
+                    rooms.append((room, self._same_host[s]))
+        found = False
+        if rooms:
+            largest = max(room for room, _ in rooms)
+            low, sizes, holders, claims = self._low, self._size, self._holders, self._claims
+            i = low.find(1)
+            while i != -1 and not found:
+                size = sizes[i]
+                if size <= largest and i not in claims:
+                    found = any(size <= room and not holders[i] & host
+                                for room, host in rooms)
+                i = low.find(1, i + 1)
+        return found
 
     # -- counting -----------------------------------------------------------
 
@@ -992,6 +1047,9 @@ class Ledger:
         if held.paths and not self._report_bulk(s, held, held_ids, inventory):
             self._report_each(s, held, inventory)
         self._keep(s, kept, unkept, inventory)
+        if (used is not None and used != self._used[s]) or (
+                quota is not None and quota != self._quota[s]):
+            self._usage_changes += 1
         if used is not None:
             self._used[s] = used
         if quota is not None:

@@ -37,11 +37,12 @@ log = Logger()
 WATCH_INTERVAL = 5.0
 #: How often the server tells its ledgers it is running (L{Ledger.beat}).
 HEARTBEAT = 1.0
-#: Report intervals with no claim on a file below its copies after which
-#: greedy fill stops waiting for those files (Ledger's C{stuck_after});
-#: clients renew their claims every report interval (rule 5: placement
-#: never waits long on a timeout to get unstuck).
-STUCK_INTERVALS = 3
+#: The fill rule's backstop (Ledger's C{stuck_after}), in report intervals:
+#: fill waits for a file below its copies only while it is claimed or fits
+#: in some store's reported room (rule 5), and not longer than this
+#: without a claim on one (clients renew claims every interval).  Only a
+#: store whose room is less than it reported ever leaves this to the timer.
+STUCK_INTERVALS = 10
 
 
 class SourceScanner(Service):

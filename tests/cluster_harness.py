@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import filecmp
 import os
+import random
 import subprocess
 from collections import defaultdict
 from typing import Collection, Optional
@@ -32,6 +33,15 @@ def source_files(root: bytes) -> dict[bytes, tuple]:
             out[rel] = ("link" if os.path.islink(path) else "file", st.st_size,
                         st.st_mtime_ns // 10**9)
     return out
+
+
+def write_random(path: bytes, size: int, seed: int) -> None:
+    """A file of C{size} bytes (whole MiB), each MiB other bytes, from C{seed}."""
+    rnd = random.Random(seed)
+    with open(path, "wb") as f:
+        block = rnd.randbytes(1 << 20)
+        for i in range(size >> 20):
+            f.write(bytes([i % 251]) + block[1:])
 
 
 def same_content(a: bytes, b: bytes) -> bool:

@@ -8,12 +8,14 @@ and changes and deletions at the source reach the stores as designed.
 from __future__ import annotations
 
 import os
+import time
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from tests import slow
-from tests.cluster_harness import LocalCluster, check_ground_truth, sleep, source_files
+from tests.cluster_harness import (LocalCluster, check_ground_truth, sleep, source_files,
+                                   write_random)
 from tests.harness import wait_for
 
 
@@ -137,3 +139,53 @@ class ConvergenceTests(TestCase):
         self.check_ground_truth(cluster)
         dropped = sum(1 for rel in files if len(cluster.holders(src2, rel)) < 3)
         self.assertGreater(dropped, 0, "room for src1 must come from src2's surplus copies")
+
+    @inlineCallbacks
+    def test_big_file_that_fits_nowhere_makes_its_own_room(self):
+        """
+        Issue 16: three stores of 0.8 times the data, C{copies: 2}, a
+        24 MiB file among 800 small ones.  The big file arrives while the
+        stores fetch the small ones (at 6 MB/s), which take all the room
+        they need first: no store then has 24 MiB free, and the small files
+        sit at exactly their copies, so nothing is surplus yet.  The fill
+        rule (DESIGN.md rule 5) starts fill as soon as the big file fits
+        nowhere: stores with room take surplus copies, full ones drop
+        theirs and take the big file.  Nothing waits on the backstop timer
+        (10 report intervals): the big file has its copies within 5 report
+        intervals of the last small file, everything within 10 of the
+        first copy.
+        """
+        interval, big = 3.0, 24 * MiB
+        sources = [{"host": "src30", "address": "127.0.0.30", "copies": 2, "files": 800,
+                    "seed": 30}]
+        self.make(sources, [store("x", "127.0.0.31", "x", MiB)])  # makes the source
+        data = tree_bytes(sources[0]["path"]) + big
+        each = int(data * 0.8) + 2 * 41 * 4096  # plus the folders (du -sb counts them)
+        stores = [store(f"st{31 + i}", f"127.0.0.{31 + i}", f"st{i}", each) for i in range(3)]
+        cluster = self.make(sources, stores, BWLIMIT="6m",
+                            **{"REPORT INTERVAL": f"{interval:.0f}s"})
+        source = cluster.sources[0]
+        small = list(source_files(os.fsencode(source["path"])))
+        yield cluster.start()
+
+        def short(rels) -> int:
+            return sum(1 for rel in rels if sum(cluster.holders(source, rel).values()) < 2)
+
+        yield wait_for(lambda: any(cluster.holders(source, rel) for rel in small),
+                       timeout=60, interval=0.1, what="a first copy")
+        first = time.monotonic()
+        write_random(os.path.join(os.fsencode(source["path"]), b"big.bin"), big, 30)
+        yield wait_for(lambda: not short(small), timeout=90, interval=0.2,
+                       what="the small files at their copies")
+        small_done = time.monotonic()
+        big_lagged = short([b"big.bin"]) > 0
+        yield self.converge(cluster, timeout=120)
+        done = time.monotonic()
+        self.check_ground_truth(cluster)
+        figures = {"data_bytes": data, "store_quota": each, "interval_s": interval,
+                   "first_copy_to_all_s": round(done - first, 1),
+                   "small_done_to_big_s": round(done - small_done, 1),
+                   "big_file_lagged": big_lagged}
+        print(f"figures big-file-tight: {figures}")
+        self.assertLessEqual(done - small_done, 5 * interval, figures)
+        self.assertLessEqual(done - first, 10 * interval, figures)

@@ -26,7 +26,7 @@ from twisted.trial.unittest import TestCase
 from tests import slow
 from tests.figures import record as figures_record
 from tests.cluster_harness import (LocalCluster, check_ground_truth, same_content, sleep,
-                                   source_files)
+                                   source_files, write_random)
 from tests.harness import wait_for
 
 MiB = 1 << 20
@@ -35,14 +35,6 @@ MiB = 1 << 20
 def store(host, address, name, size):
     return {"host": host, "address": address, "name": name, "size": str(size),
             "size_bytes": size}
-
-
-def write_random(path: bytes, size: int, seed: int) -> None:
-    rnd = random.Random(seed)
-    with open(path, "wb") as f:
-        block = rnd.randbytes(MiB)
-        for i in range(size // MiB):
-            f.write(bytes([i % 251]) + block[1:])
 
 
 def digest(path: bytes) -> str:

@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from cluster_backup import ledger as ledger_module
 from cluster_backup.ledger import (
+    FIT_SLACK,
     BadCursor,
     Ledger,
     LedgerError,
@@ -276,6 +277,8 @@ class ClaimTests(SynchronousTestCase):
 
     def test_greedy_fill_only_when_nothing_is_under(self):
         ledger, _ = make(copies=1, files=[b"f", b"g"])
+        for store in STORES:  # every store has room for g
+            ledger.report(store, used=0, quota=100 * FIT_SLACK)
         ledger.report("b:/1", [rec(b"f")])
         self.assertEqual(ledger.claim("c:/1", [b"f"], fill=True), [])
         # g's claim makes it count as a copy, but fill waits for the copy itself.
@@ -293,36 +296,71 @@ class ClaimTests(SynchronousTestCase):
         self.assertEqual(ledger.claim("c:/1", [b"g"]), [b"g"])  # a need again
         self.assertEqual(ledger.claim("a:/2", [b"g"], fill=True), [])
 
-    def test_greedy_fill_goes_on_when_files_below_copies_are_stuck(self):
+    def test_greedy_fill_waits_only_while_a_low_file_can_be_placed(self):
         """
-        While nobody claims a file below its copies for a claim's lifetime
-        (every host lacking it is full, say), fill may go on: waiting
-        would leave space idle for good, and a copy filled here is the
-        surplus a full store elsewhere may drop to take the rare file in.
+        The fill rule: fill waits while a file below its copies is being
+        fetched or fits in the free room of a live store on a host without
+        a copy of it.  When it fits nowhere, fill starts at once (no
+        timer): a copy filled here is the surplus a full store elsewhere
+        may drop to take the rare file in.
+        """
+        big = 8 * FIT_SLACK
+        ledger, clock = make(copies=2, files=[rec(b"f", big), rec(b"g")])
+        room = {"a:/1": 0, "a:/2": 0, "b:/1": 0, "c:/1": 2 * big, "d:/1": 0}
+        for store, free in room.items():
+            ledger.report(store, used=10 * big - free, quota=10 * big)
+        ledger.report("a:/1", [rec(b"f", big), rec(b"g")])
+        ledger.report("b:/1", [rec(b"g")])  # f is below its copies, g at them
+        # c has room for f: fill waits for c to take it.
+        self.assertTrue(ledger.fill_waits)
+        self.assertEqual(ledger.claim("d:/1", [b"g"], fill=True), [])
+        # c fills up with something else: f fits nowhere, fill starts now.
+        ledger.report("c:/1", used=10 * big - big // 2)
+        self.assertFalse(ledger.fill_waits)
+        self.assertEqual(ledger.claim("d:/1", [b"g"], fill=True), [b"g"])
+        ledger.release("d:/1", [b"g"])
+        # Room on a's host does not count: a holds f already.
+        ledger.report("a:/2", used=0)
+        self.assertFalse(ledger.fill_waits)
+        # b makes room (it dropped g, say): fill waits again, and while
+        # b fetches f it goes on waiting, room or not.
+        ledger.report("b:/1", used=0)
+        self.assertTrue(ledger.fill_waits)
+        self.assertEqual(ledger.claim("b:/1", [b"f"]), [b"f"])
+        ledger.report("b:/1", used=10 * big)
+        self.assertTrue(ledger.fill_waits)
+        self.assertEqual(ledger.claim("d:/1", [b"g"], fill=True), [])
+        # f gets its copies: nothing is below copies, nothing waits.
+        ledger.report("b:/1", [rec(b"f", big)])
+        self.assertFalse(ledger.fill_waits)
+
+    def test_room_no_store_uses_starts_fill_after_the_backstop(self):
+        """
+        A store whose report shows room for a low file but that never
+        claims it (it sees less room than it said) does not hold fill for
+        ever: after C{stuck_after} (the claim ttl here) with no claim on a
+        low file, fill goes on.  A store that never reported its usage is
+        no place for a file.
         """
         ledger, clock = make(copies=2, files=[b"f", b"g"])
         ledger.report("a:/1", [rec(b"f"), rec(b"g")])
-        ledger.report("b:/1", [rec(b"g")])  # f is below its copies, g at them
+        ledger.report("b:/1", [rec(b"g")])
+        self.assertFalse(ledger.fill_waits)  # no store said how full it is
+        ledger.report("c:/1", used=0, quota=100 * FIT_SLACK)
         clock.advance(TTL - 1)
         self.assertTrue(ledger.fill_waits)
-        self.assertEqual(ledger.claim("c:/1", [b"g"], fill=True), [])
+        self.assertEqual(ledger.claim("d:/1", [b"g"], fill=True), [])
         clock.advance(1)
         self.assertFalse(ledger.fill_waits)
-        self.assertEqual(ledger.claim("c:/1", [b"g"], fill=True), [b"g"])
-        ledger.release("c:/1", [b"g"])
+        self.assertEqual(ledger.claim("d:/1", [b"g"], fill=True), [b"g"])
+        ledger.release("d:/1", [b"g"])
         # Somebody fetching f: fill waits again, as long as the claim is renewed.
-        self.assertEqual(ledger.claim("d:/1", [b"f"]), [b"f"])
+        self.assertEqual(ledger.claim("c:/1", [b"f"]), [b"f"])
         self.assertTrue(ledger.fill_waits)
-        self.assertEqual(ledger.claim("c:/1", [b"g"], fill=True), [])
         clock.advance(TTL - 1)
-        self.assertEqual(ledger.claim("d:/1", [b"f"]), [b"f"])  # renewed
+        self.assertEqual(ledger.claim("c:/1", [b"f"]), [b"f"])  # renewed
         clock.advance(TTL - 1)
-        self.assertEqual(ledger.claim("c:/1", [b"g"], fill=True), [])
-        clock.advance(1)
-        self.assertEqual(ledger.claim("c:/1", [b"g"], fill=True), [b"g"])
-        # f gets its copies: nothing is below copies, nothing waits.
-        ledger.report("d:/1", [rec(b"f")])
-        self.assertFalse(ledger.fill_waits)
+        self.assertEqual(ledger.claim("d:/1", [b"g"], fill=True), [])
 
     def test_a_need_is_granted_only_while_below_copies(self):
         """A need others claimed meanwhile is refused, even once nothing is under."""
