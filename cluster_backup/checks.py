@@ -26,10 +26,14 @@ def warnings(cluster: Cluster, source_bytes: Optional[Mapping[str, int]] = None)
     out: list[str] = []
     for source in cluster.sources:
         hosts = {store.host for store in cluster.stores_for(source)}
+        own = [store.id for store in cluster.stores
+               if cluster.same_host(store.host, source.host)]
         if source.copies > len(hosts):
+            mine = (f" (not counting {', '.join(own)} on the source's own host: "
+                    "a copy there dies with it)") if own else ""
             out.append(
                 f"source {source.id} wants {source.copies} copies but only "
-                f"{len(hosts)} distinct backup host(s) back it up; copies are "
+                f"{len(hosts)} distinct backup host(s) back it up{mine}; copies are "
                 f"counted per host, so at most {len(hosts)} can exist")
     for store in cluster.stores:
         for source in cluster.sources_on(store.host):

@@ -131,7 +131,7 @@ class Agent(MultiService):
         self.reactor = reactor
         self.busy = busy  # (source id, path) being fetched by any agent of this host
         self.store = store or Store.from_config(config)
-        self.sources = [s for s in cluster.sources if s.id not in config.ignore_sources]
+        self.sources = [s for s in cluster.sources if cluster.backs_up(config, s)]
         self.by_id = {s.id: s for s in self.sources}
         self.setName(f"agent {self.id}")
         self.links: dict[str, ServerLink] = {}
@@ -881,11 +881,8 @@ class Agent(MultiService):
         if self._stopping:
             return transfer.TransferResult(None, "cancelled", (), (), 0.0, 0)
         dest = update_dir or self.store.source_dir(source.host, source.path)
-        if source.host == self.host:
-            url, password = source.path, None
-        else:
-            e = grant.endpoint
-            url, password = f"rsync://{e.user}@{e.host}:{e.port}/{e.module}/", e.password
+        e = grant.endpoint  # never this host's own source (Cluster.backs_up)
+        url, password = f"rsync://{e.user}@{e.host}:{e.port}/{e.module}/", e.password
         run = transfer.changed_since if check else transfer.fetch
         try:
             d, cancel = run(

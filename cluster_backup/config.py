@@ -129,9 +129,24 @@ class Cluster:
     def stores_on(self, host: str) -> list[Store]:
         return [s for s in self.stores if s.host == host]
 
+    def same_host(self, a: str, b: str) -> bool:
+        """Whether hosts C{a} and C{b} are one machine: one name, or one address."""
+        return a == b or self.address_of(a) == self.address_of(b)
+
+    def backs_up(self, store: Store, source: Source) -> bool:
+        """
+        The own-host rule: C{store} backs up C{source} unless it ignores it
+        or is on the source's host.  A copy on the source's host dies with
+        that host, so it would not count toward C{copies}; rather than hold
+        copies that never count, such a store spends its room on the
+        sources of other hosts.
+        """
+        return source.id not in store.ignore_sources and not self.same_host(
+            store.host, source.host)
+
     def stores_for(self, source: Source) -> list[Store]:
-        """The stores that back up C{source} (all but those ignoring it)."""
-        return [s for s in self.stores if source.id not in s.ignore_sources]
+        """The stores that back up C{source} (see L{backs_up})."""
+        return [s for s in self.stores if self.backs_up(s, source)]
 
     def source(self, source_id: str) -> Source:
         for s in self.sources:

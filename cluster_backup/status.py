@@ -182,6 +182,11 @@ class SourceView:
     status: Optional[SourceStatus] = None
     error: Optional[str] = None
     scan_age: Optional[float] = None
+    #: The backup hosts whose copies count (the config's; the own-host
+    #: rule, L{Cluster.backs_up}, leaves out the source's host) and the
+    #: stores on the source's host, which do not back it up.
+    hosts: tuple[str, ...] = ()
+    own: tuple[str, ...] = ()
 
     @property
     def problems(self) -> list[str]:
@@ -283,19 +288,24 @@ def build(cluster: Cluster, answers: Sequence[Answer], now: float) -> Report:
     reported = {s.source: s for a in answers for s in a.sources}
     views = []
     for source in cluster.sources:
+        where = dict(
+            hosts=tuple(dict.fromkeys(st.host for st in cluster.stores_for(source))),
+            own=tuple(st.id for st in cluster.stores
+                      if cluster.same_host(st.host, source.host)))
         answer = by_host.get(source.host)
         if answer is None or answer.error is not None:
             views.append(SourceView(
                 source.id, source.copies, source.host, reachable=False,
-                error=answer.error if answer else "not asked"))
+                error=answer.error if answer else "not asked", **where))
             continue
         status = reported.pop(source.id, None)
         if status is None:
             views.append(SourceView(
                 source.id, source.copies, source.host, reachable=True,
-                error="the server does not report this source (is its config the same?)"))
+                error="the server does not report this source (is its config the same?)",
+                **where))
             continue
-        views.append(_source_view(status, source.host, now))
+        views.append(_source_view(status, source.host, now, **where))
     for status in reported.values():  # the servers know sources this config lacks
         views.append(_source_view(status, status.source.partition(":")[0], now))
     pairs = [pair for a in answers for pair in a.stores]
@@ -304,10 +314,10 @@ def build(cluster: Cluster, answers: Sequence[Answer], now: float) -> Report:
     return Report(cluster.filename, tuple(views), tuple(stores), tuple(answers), now)
 
 
-def _source_view(status: SourceStatus, server: str, now: float) -> SourceView:
+def _source_view(status: SourceStatus, server: str, now: float, **where) -> SourceView:
     age = None if status.scanned is None else max(0.0, now - status.scanned)
     return SourceView(status.source, status.copies, server, reachable=True,
-                      status=status, scan_age=age)
+                      status=status, scan_age=age, **where)
 
 
 def exit_code(report: Report) -> int:
@@ -325,7 +335,8 @@ def to_json(report: Report) -> dict:
     for v in report.sources:
         s = v.status
         item = {"source": v.source, "copies": v.copies, "reachable": v.reachable,
-                "error": v.error}
+                "error": v.error, "backup_hosts": list(v.hosts),
+                "own_host_stores": list(v.own)}
         if s is None:
             item.update(files=None, bytes=None, histogram=None, under_replicated=None,
                         safemode=None, scanned=None, scan_age=None, scan_error=None,
@@ -406,6 +417,9 @@ def copies_text(n: int) -> str:
 def _source_text(v: SourceView) -> list[str]:
     verdict = "OK" if not v.problems else "ATTENTION: " + "; ".join(v.problems)
     lines = [f"source {v.source}  wants {copies_text(v.copies)}  {verdict}"]
+    if v.own:
+        lines.append(f"  copies count on {len(v.hosts)} backup host(s), not on the "
+                     f"source's own host: {', '.join(v.own)} does not back it up")
     s = v.status
     if s is None:
         lines.append(f"  no figures: server {v.server}: {v.error}")

@@ -116,6 +116,29 @@ class WarningTests(SynchronousTestCase):
                         "backup: c:/z\nsize: 1g\n")
         self.assertEqual(checks.warnings(cluster), [])
 
+    def test_own_host_stores_do_not_count(self):
+        """
+        The own-host rule: a store on the source's host (same name, or same
+        address) does not back it up, and check says so when that leaves
+        fewer hosts than copies.
+        """
+        cluster = loads("SECRET: x\nserver: h2:/srv/media\ncopies: 2\naddress: 10.0.0.2\n"
+                        "backup: h2:/srv/backup\nsize: 1g\n"
+                        "backup: 10.0.0.2:/mnt/usb\nsize: 1g\n"
+                        "backup: h3:/b\nsize: 1g\n")
+        source = cluster.sources[0]
+        self.assertEqual([st.id for st in cluster.stores_for(source)], ["h3:/b"])
+        self.assertEqual(checks.warnings(cluster), [
+            "source h2:/srv/media wants 2 copies but only 1 distinct backup host(s) back "
+            "it up (not counting h2:/srv/backup, 10.0.0.2:/mnt/usb on the source's own "
+            "host: a copy there dies with it); copies are counted per host, so at most "
+            "1 can exist"])
+        more = loads("SECRET: x\nserver: h2:/srv/media\ncopies: 2\n"
+                     "backup: h2:/srv/backup\nsize: 1g\n"
+                     "backup: h3:/b\nsize: 1g\nbackup: h4:/b\nsize: 1g\n")
+        self.assertEqual(checks.warnings(more), [])
+        self.assertEqual([st.host for st in more.stores_for(more.sources[0])], ["h3", "h4"])
+
     def test_store_overlapping_source(self):
         cluster = loads("SECRET: x\nserver: a:/data\nbackup: a:/data/backups\nsize: 1g\n"
                         "backup: b:/data\nsize: 1g\n")

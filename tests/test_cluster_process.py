@@ -8,9 +8,11 @@ and changes and deletions at the source reach the stores as designed.
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
 from tests import slow
@@ -189,3 +191,38 @@ class ConvergenceTests(TestCase):
         print(f"figures big-file-tight: {figures}")
         self.assertLessEqual(done - small_done, 5 * interval, figures)
         self.assertLessEqual(done - first, 10 * interval, figures)
+
+    @inlineCallbacks
+    def test_copies_on_the_source_host_do_not_count(self):
+        """
+        The own-host rule (issue 16): h34 has a source (C{copies: 2}) and a
+        store; h35 and h36 have stores, h35 a source of its own.  Every
+        file of h34's source ends with 2 copies off h34, h34's store holds
+        none of them (it backs up h35's source instead), and status names
+        the rule.
+        """
+        sources = [{"host": "h34", "address": "127.0.0.34", "copies": 2, "files": 150,
+                    "seed": 34},
+                   {"host": "h35", "address": "127.0.0.35", "copies": 1, "files": 60,
+                    "seed": 35}]
+        stores = [store(f"h{n}", f"127.0.0.{n}", f"h{n}", 200 * MiB) for n in (34, 35, 36)]
+        cluster = self.make(sources, stores)
+        yield cluster.start()
+        yield self.converge(cluster)
+        self.check_ground_truth(cluster)
+        mine, other = cluster.sources
+        own_store = cluster.stores[0]
+        for rel in source_files(os.fsencode(mine["path"])):
+            self.assertEqual(dict(cluster.holders(mine, rel)), {"h35": 1, "h36": 1}, rel)
+        self.assertFalse(os.path.lexists(cluster.copy_path(own_store, mine, b"")))
+        held_other = [rel for rel in source_files(os.fsencode(other["path"]))
+                      if "h34" in cluster.holders(other, rel)]
+        self.assertGreater(len(held_other), 0, "h34's store backs up other hosts' sources")
+        out, err, code = yield getProcessOutputAndValue(
+            sys.executable, ["-m", "cluster_backup.cli", "status", "-c", cluster.config],
+            env=os.environ)
+        text = (out + err).decode(errors="replace")
+        self.assertEqual(code, 0, text)
+        self.assertIn(f"source h34:{mine['path']}  wants 2 copies  OK\n  copies count on "
+                      f"2 backup host(s), not on the source's own host: "
+                      f"h34:{own_store['path']} does not back it up\n", text)

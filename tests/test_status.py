@@ -149,6 +149,22 @@ class BuildTests(SynchronousTestCase):
         self.assertEqual([st.state for st in report.stores], ["live", "live"])
         self.assertEqual(report.stores[0].files, 105)
 
+    def test_own_host_rule_is_shown(self):
+        """A store on a source's host is named as not backing it up."""
+        own = loads(CONFIG + "backup: host1:/backup\nsize: 1t\n", "cluster.conf")
+        report = build(own, healthy_answers(), now=1000.0)
+        s1, s2 = report.sources
+        self.assertEqual((s1.hosts, s1.own), (("host3", "host4"), ("host1:/backup",)))
+        self.assertEqual((s2.hosts, s2.own), (("host3", "host4", "host1"), ()))
+        text = render_text(report)
+        self.assertIn("source host1:/data  wants 2 copies  OK\n  copies count on 2 backup "
+                      "host(s), not on the source's own host: host1:/backup does not "
+                      "back it up\n", text)
+        self.assertEqual(text.count("own host"), 1)
+        data = to_json(report)["sources"]
+        self.assertEqual((data[0]["backup_hosts"], data[0]["own_host_stores"]),
+                         (["host3", "host4"], ["host1:/backup"]))
+
     def test_unreachable_server_hides_nothing_else(self):
         answers = healthy_answers()
         answers[1] = Answer("host2", "10.0.0.2", 5005, error="connection refused")
