@@ -44,11 +44,16 @@ trial: $(STAMP) rsync
 	$(PY) -m twisted.trial tests
 
 # Every benchmark at its default size, then the large convergence case
-# (1,000 stores x 1,000,000 files: several minutes); figures go to
-# benchmarks/RESULTS.md.
+# (1,000 stores x 1,000,000 files: several minutes), then the tight cases
+# (issue 16: total quota 1.05, 1.1 and 1.2 x what the copies need, files
+# up to half the smallest store, stores up to 10 x apart, against the same
+# data with ample space); figures go to benchmarks/RESULTS.md.
+TIGHT := --stores 40 --files 1200 --copies 2 --tail 0.5 --spread 0 --bandwidth 1e6
 bench: $(STAMP) rsync
 	for b in benchmarks/bench_*.py; do $(PY) $$b --record || exit 1; done
 	$(PY) benchmarks/bench_convergence.py --stores 1000 --files 1000000 --record
+	for s in 3 1.2 1.1 1.05; do \
+	  $(PY) benchmarks/bench_convergence.py $(TIGHT) --spare $$s --record || exit 1; done
 
 # The fault and abuse scenarios, recording their figures into docs/RELIABILITY.md.
 reliability: $(STAMP) rsync

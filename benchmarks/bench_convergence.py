@@ -74,6 +74,7 @@ from zope.interface import implementer  # noqa: E402
 from cluster_backup import client, planner  # noqa: E402
 from cluster_backup.ledger import Ledger  # noqa: E402
 from cluster_backup.records import FileRecord  # noqa: E402
+from cluster_backup.server import STUCK_INTERVALS  # noqa: E402
 
 REPORT_INTERVAL = 60.0
 CLAIM_TTL = 300.0
@@ -229,9 +230,12 @@ class Sim:
         self.by_id = {s.id: s for s in self.sources}
         rng = self.rng
         lo, hi = math.log(args.min_file), math.log(args.max_file)
-        for i in range(args.files):
+        draws = [rng.random() for _ in range(args.files)]
+        if args.tail:
+            hi = math.log(self.tail_max(args, copies, draws))
+        for i, r in enumerate(draws):
             src = self.sources[i % len(self.sources)]
-            src.sizes.append(int(math.exp(rng.uniform(lo, hi))))
+            src.sizes.append(int(math.exp(lo + (hi - lo) * r)))
         for src in self.sources:
             for name in ("fetches", "drops", "have", "pending"):
                 setattr(src, name, array("H", bytes(2 * src.files)))
@@ -276,7 +280,8 @@ class Sim:
         mapping = {s.id: s.host.name for s in self.stores}
         for src in self.sources:
             ledger = Ledger(src.id, src.copies, self.clock, mapping,
-                            report_interval=REPORT_INTERVAL, claim_ttl=CLAIM_TTL)
+                            report_interval=REPORT_INTERVAL, claim_ttl=CLAIM_TTL,
+                            stuck_after=STUCK_INTERVALS * REPORT_INTERVAL)  # as server.py
             ledger.scan_started()
             batch = []
             for j, size in enumerate(src.sizes):
@@ -295,6 +300,37 @@ class Sim:
         # (700) the collector walks them all again and again (18 s of the
         # 90 s CPU of 1,000 stores x 100,000 files; 1.5 s at 20,000).
         gc.set_threshold(args.gc_threshold, 10, 10)
+
+    @staticmethod
+    def tail_max(args, copies: list[int], draws: list[float]) -> float:
+        """
+        The largest file size M for C{--tail}: sizes log-uniform from
+        C{--min-file} to M (the same draws), quotas as L{__init__} makes
+        them with C{--spare 1}, and M equal to C{--tail} times the smallest
+        of those stores (found by bisection on log M; the weights' draws
+        come after the sizes', so they are drawn here from a copy of the
+        generator).  So every C{--spare} runs the same data set, and only
+        the quotas grow with it.
+        """
+        rng = random.Random(args.seed)
+        for _ in range(args.files):
+            rng.random()
+        weights = [10 ** rng.uniform(0, 1) for _ in range(args.stores)]
+        share = min(weights) / sum(weights)
+        lo = math.log(args.min_file)
+
+        def gap(log_max: float) -> float:
+            need = sum(copies[i % len(copies)] * int(math.exp(lo + (log_max - lo) * r))
+                       for i, r in enumerate(draws))
+            return args.tail * share * need - math.exp(log_max)
+
+        a, b = lo + 1e-9, math.log(1e15)
+        if gap(b) > 0:
+            raise SystemExit("--tail: too many files per store for files that large")
+        for _ in range(60):
+            mid = (a + b) / 2
+            a, b = (mid, b) if gap(mid) > 0 else (a, mid)
+        return math.exp(a)
 
     # -- driving --------------------------------------------------------
 
@@ -688,6 +724,28 @@ def experiment(fn):
 
 
 def main() -> None:
+    args = build_parser().parse_args()
+    undo = [EXPERIMENTS[name]() for name in args.experiment]
+    try:
+        report(args)
+    finally:
+        for restore in undo:
+            if restore:
+                restore()
+
+
+def simulate(args) -> tuple[Sim, str]:
+    """Run one simulation of C{args}; returns it and its outcome (raises what failed)."""
+    sim = Sim(args)
+    sim.failure = None
+    sim.fail = _fail(sim)
+    outcome = sim.run()
+    if sim.failure is not None:
+        sim.failure.raiseException()
+    return sim, outcome
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stores", type=int, default=200)
     parser.add_argument("--files", type=int, default=100_000)
@@ -696,6 +754,9 @@ def main() -> None:
                         help="total quota / bytes the copies need")
     parser.add_argument("--min-file", type=int, default=1024)
     parser.add_argument("--max-file", type=int, default=1 << 20)
+    parser.add_argument("--tail", type=float, default=0.0, metavar="FRACTION",
+                        help="a heavy tail: the largest file (instead of --max-file) is "
+                        "FRACTION of the smallest store at --spare 1")
     parser.add_argument("--shared-hosts", type=int, default=None,
                         help="hosts with two stores (default stores/40)")
     parser.add_argument("--spread", type=float, default=600.0,
@@ -724,15 +785,7 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="print the N costliest functions (cProfile)")
     parser.add_argument("--record", action="store_true")
-    args = parser.parse_args()
-
-    undo = [EXPERIMENTS[name]() for name in args.experiment]
-    try:
-        report(args)
-    finally:
-        for restore in undo:
-            if restore:
-                restore()
+    return parser
 
 
 class GCTimer:
@@ -797,11 +850,13 @@ def report(args) -> None:
         f"### Convergence, {args.stores:,} stores x {args.files:,} files{exp} — "
         f"{time.strftime('%Y-%m-%d')}",
         "",
-        f"Command: `.venv/bin/python benchmarks/bench_convergence.py --stores {args.stores} "
-        f"--files {args.files}{exp}` (seed {args.seed}) on {platform.machine()}, "
+        f"Command: `.venv/bin/python benchmarks/bench_convergence.py "
+        f"{' '.join(sys.argv[1:]).replace(' --record', '')}` "
+        f"(seed {args.seed}) on {platform.machine()}, "
         f"{os.cpu_count()} cores, Python {platform.python_version()}.  "
         f"Sources {', '.join(f'{s.id} x{s.copies}' for s in sim.sources)}; "
-        f"files {args.min_file:,}..{args.max_file:,} B log-uniform; "
+        f"files {args.min_file:,}..{max(max(s.sizes) for s in sim.sources if s.files):,} B "
+        f"log-uniform; "
         f"{len(sim.hosts)} hosts; quotas {min(s.quota for s in sim.stores):,}.."
         f"{max(s.quota for s in sim.stores):,} B, total {sim.quota_total / sim.minimum:.3f} x "
         f"the minimum; arrivals over {args.spread:.0f} s, {sim.herd} together at "
