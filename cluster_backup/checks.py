@@ -17,11 +17,15 @@ def _inside(inner: str, outer: str) -> bool:
     return inner == outer or inner.startswith(outer.rstrip("/") + "/")
 
 
-def warnings(cluster: Cluster, source_bytes: Optional[Mapping[str, int]] = None) -> list[str]:
+def warnings(cluster: Cluster, source_bytes: Optional[Mapping[str, int]] = None,
+             largest: Optional[Mapping[str, tuple[str, int]]] = None) -> list[str]:
     """
     Warnings for C{cluster}.  C{source_bytes} maps source ids to their
     measured size where that is known (C{cbackup check --measure} on the
-    source's host); the quota check runs only for those.
+    source's host); the quota check runs only for those.  C{largest} maps
+    source ids to their largest file (path, size), measured the same way:
+    one that fits in the quota of fewer backup hosts than C{copies} can
+    never have its copies.
     """
     out: list[str] = []
     for source in cluster.sources:
@@ -44,6 +48,8 @@ def warnings(cluster: Cluster, source_bytes: Optional[Mapping[str, int]] = None)
                     "server never scans the store's folder")
     if source_bytes:
         out += _quota_warnings(cluster, source_bytes)
+    if largest:
+        out += _fit_warnings(cluster, largest)
     if cluster.options.transport == "ssh":
         out.append("TRANSPORT ssh is not built yet: clients fetch through each "
                    "server's rsync daemon (TRANSPORT daemon)")
@@ -52,6 +58,28 @@ def warnings(cluster: Cluster, source_bytes: Optional[Mapping[str, int]] = None)
             "no SECRET or SECRET FILE: any machine that can reach PORT "
             f"{cluster.options.port} can join as a backup client and read the "
             "sources; set a shared secret")
+    return out
+
+
+def _fit_warnings(cluster: Cluster, largest: Mapping[str, tuple[str, int]]) -> list[str]:
+    """Sources whose largest file fits in the quota of fewer hosts than its copies."""
+    out = []
+    for source in cluster.sources:
+        if source.id not in largest:
+            continue
+        path, size = largest[source.id]
+        stores = cluster.stores_for(source)
+        if any(store.size is None for store in stores):
+            continue  # a reserve store's room depends on its disk: unknowable here
+        room: dict[str, int] = {}
+        for store in stores:
+            room[store.host] = max(room.get(store.host, 0), store.size)
+        fits = sum(1 for quota in room.values() if size <= quota)
+        if fits < source.copies:
+            out.append(
+                f"source {source.id}: its largest file {path!r} ({human_size(size)}) "
+                f"fits in the quota of {fits} backup host(s), so it can never have "
+                f"{source.copies} copies; grow a store or lower copies")
     return out
 
 

@@ -20,6 +20,7 @@ from cluster_backup import checks
 from cluster_backup.config import Cluster, ConfigError, load
 from cluster_backup.config_write import format_fraction
 from cluster_backup.identity import identify_or_none
+from cluster_backup.measure import measure
 from cluster_backup.units import format_duration, human_size
 
 EXIT_OK = 0
@@ -37,9 +38,14 @@ def _roles(cluster: Cluster, host: Optional[str]) -> list[str]:
     return roles
 
 
-def describe(cluster: Cluster, host: Optional[str], host_note: Optional[str] = None) -> dict:
-    """What C{check --json} prints: plain data, no secret."""
+def describe(cluster: Cluster, host: Optional[str], host_note: Optional[str] = None,
+             measured: Optional[dict] = None, problems: Sequence[str] = ()) -> dict:
+    """
+    What C{check --json} prints: plain data, no secret.  C{measured}: the
+    sources of this host as L{cluster_backup.measure} walked them.
+    """
     o = cluster.options
+    measured = measured or {}
     return {
         "config": cluster.filename,
         "options": {
@@ -82,7 +88,12 @@ def describe(cluster: Cluster, host: Optional[str], host_note: Optional[str] = N
         "host": host,
         "host_note": host_note,
         "roles": _roles(cluster, host),
-        "warnings": checks.warnings(cluster),
+        "measured": {sid: {"files": m.files, "bytes": m.bytes,
+                           "largest": list(m.largest) if m.largest else None}
+                     for sid, m in measured.items()},
+        "warnings": list(problems) + checks.warnings(
+            cluster, {sid: m.bytes for sid, m in measured.items()},
+            {sid: m.largest for sid, m in measured.items() if m.largest}),
     }
 
 
@@ -119,6 +130,11 @@ def print_text(info: dict, out: TextIO) -> None:
         print(f"this host: {info['host']} ({roles})", file=out)
     else:
         print(f"this host: {info['host_note']}", file=out)
+    for sid, m in info["measured"].items():
+        biggest = (f", largest {m['largest'][0]!r} ({human_size(m['largest'][1])})"
+                   if m["largest"] else "")
+        print(f"measured {sid}: {m['files']:,} files, {human_size(m['bytes'])}{biggest}",
+              file=out)
     if info["warnings"]:
         print(f"warnings ({len(info['warnings'])}):", file=out)
         for w in info["warnings"]:
@@ -140,7 +156,13 @@ def cmd_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return EXIT_BAD_CONFIG
     note = None if host else ("not found in this config, or several of its hosts match; "
                               "use --host NAME to check a host's view")
-    info = describe(cluster, host, note)
+    measured, problems = {}, []
+    if args.measure:
+        if host is None:
+            print("--measure walks the sources of this host: name it with --host", file=err)
+            return EXIT_BAD_CONFIG
+        measured, problems = measure(cluster, host)
+    info = describe(cluster, host, note, measured, problems)
     if args.json:
         json.dump(info, out, indent=2)
         out.write("\n")
@@ -163,6 +185,9 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("-c", "--config", required=True, help="the cluster config file")
     check.add_argument("--host", help="check as this host of the config")
     check.add_argument("--json", action="store_true", help="print one JSON object")
+    check.add_argument("--measure", action="store_true",
+                       help="walk this host's sources: warn when the quotas cannot hold "
+                       "their copies, or a file is too big for its copies")
     check.set_defaults(func=cmd_check)
     for name in COMMANDS:
         importlib.import_module(f"cluster_backup.{name}").register(sub)

@@ -35,6 +35,7 @@ copy on the claimer's host.  The status histogram counts real holdings only.
 
 from __future__ import annotations
 
+import os
 import struct
 from array import array
 from collections import Counter
@@ -1695,7 +1696,37 @@ class Ledger:
             scanned=self._scanned,
             scan_error=self._scan_error,
             held=None if self._held is None else self._held.summary(),
+            too_big=self.too_big(),
         )
+
+    def too_big(self, examples: int = 5) -> Optional[dict]:
+        """
+        The files that can never reach C{copies}: a file fits on a host when
+        it is no larger than the largest quota its stores reported, and
+        copies are per host, so a file larger than the C{copies}-th largest
+        host quota fits on fewer hosts than it needs.  None when every file
+        fits (or no store reported a quota yet).  See L{SourceStatus}.
+        """
+        rooms: dict[int, int] = {}
+        for s, quota in enumerate(self._quota):
+            if quota is not None:
+                host = self._host_bit[s]
+                rooms[host] = max(rooms.get(host, 0), quota)
+        if not rooms or not self._ids:
+            return None
+        ranked = sorted(rooms.values(), reverse=True)
+        room = ranked[self.copies - 1] if len(ranked) >= self.copies else 0
+        if max(self._size) <= room:
+            return None
+        found = [(self._size[i], self._paths[i]) for i in self._ids.values()
+                 if self._size[i] > room]
+        if not found:
+            return None
+        found.sort(reverse=True)
+        return {"files": len(found), "bytes": sum(size for size, _ in found),
+                "copies_room": room,
+                "examples": [[os.fsdecode(path), size, sum(size <= q for q in ranked)]
+                             for size, path in found[:examples]]}
 
     def store_status(self) -> list[StoreStatus]:
         """Each configured store as this ledger sees it, in config order."""

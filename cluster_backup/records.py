@@ -329,6 +329,11 @@ class SourceStatus:
     #: A held scan (L{cluster_backup.held}): deleted_files, deleted_bytes,
     #: changed_files, changed_bytes, and since (clock time first held).
     held: Optional[dict] = None
+    #: Files that can never have their copies: larger than the quota of all
+    #: but fewer than C{copies} backup hosts (L{Ledger.too_big}): files,
+    #: bytes, copies_room (the C{copies}-th largest host quota) and
+    #: examples ([path as text, size, hosts it fits on], largest first).
+    too_big: Optional[dict] = None
 
 
 @frozen

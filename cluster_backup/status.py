@@ -208,6 +208,8 @@ class SourceView:
             out.append("scan error")
         if s.under_files:
             out.append(f"{s.under_files:,} files below {copies_text(s.copies)}")
+        if s.too_big:
+            out.append(f"{s.too_big['files']:,} files too big for {copies_text(s.copies)}")
         return out
 
 
@@ -340,14 +342,15 @@ def to_json(report: Report) -> dict:
         if s is None:
             item.update(files=None, bytes=None, histogram=None, under_replicated=None,
                         safemode=None, scanned=None, scan_age=None, scan_error=None,
-                        held=None)
+                        held=None, too_big=None)
         else:
             item.update(
                 files=s.files, bytes=s.bytes,
                 histogram={str(c): fb[0] for c, fb in sorted(s.histogram.items())},
                 under_replicated={"files": s.under_files, "bytes": s.under_bytes},
                 safemode=s.safemode, scanned=s.scanned is not None,
-                scan_age=_round(v.scan_age), scan_error=s.scan_error, held=s.held)
+                scan_age=_round(v.scan_age), scan_error=s.scan_error, held=s.held,
+                too_big=s.too_big)
         item["ok"] = not v.problems
         sources.append(item)
     stores = [
@@ -449,6 +452,13 @@ def _source_text(v: SourceView) -> list[str]:
                          f"{human_size(s.under_bytes)}")
         else:
             lines.append(f"  every file has at least {copies_text(s.copies)}")
+    if s.too_big:
+        big = s.too_big
+        lines.append(f"  {big['files']:,} files ({human_size(big['bytes'])}) can never have "
+                     f"{copies_text(s.copies)}: larger than {human_size(big['copies_room'])}, "
+                     f"they fit in the quota of fewer than {s.copies} backup hosts")
+        for path, size, hosts in big["examples"]:
+            lines.append(f"    {path!r} ({human_size(size)}) fits on {hosts} host(s)")
     return lines
 
 

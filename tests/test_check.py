@@ -139,6 +139,37 @@ class WarningTests(SynchronousTestCase):
         self.assertEqual(checks.warnings(more), [])
         self.assertEqual([st.host for st in more.stores_for(more.sources[0])], ["h3", "h4"])
 
+    def test_measure_names_a_file_too_big_for_its_copies(self):
+        """
+        check --measure walks this host's sources (excludes applied, stores
+        inside skipped) and warns of a file that fits in the quota of fewer
+        backup hosts than its copies, and of quotas too small in all.
+        """
+        base = os.path.abspath(self.mktemp())
+        src = os.path.join(base, "data")
+        os.makedirs(os.path.join(src, "skip.tmp"))
+        for name, size in (("big.img", 3 << 20), ("small", 1000),
+                           ("skip.tmp/huge", 50 << 20)):
+            with open(os.path.join(src, name), "wb") as f:
+                f.truncate(size)
+        config = os.path.join(base, "cluster.conf")
+        with open(config, "w") as f:
+            f.write(f"SECRET: x\nserver: lab:{src}\ncopies: 2\nexclude: *.tmp\n"
+                    "backup: b:/x\nsize: 10m\nbackup: c:/x\nsize: 2m\n")
+        code, out, err = run(["check", "-c", config, "--host", "lab", "--measure"])
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn(f"measured lab:{src}: 2 files, 3M, largest 'big.img' (3M)\n", out)
+        self.assertIn(f"source lab:{src}: its largest file 'big.img' (3M) fits in the quota "
+                      "of 1 backup host(s), so it can never have 2 copies", out)
+        self.assertNotIn("of quota in all", out)  # 6M of copies, 12M of quota
+        info = json.loads(run(["check", "-c", config, "--host", "lab", "--measure",
+                               "--json"])[1])
+        self.assertEqual(info["measured"][f"lab:{src}"],
+                         {"files": 2, "bytes": (3 << 20) + 1000, "largest": ["big.img", 3 << 20]})
+        # This machine is none of the config's hosts: --measure needs --host.
+        self.assertEqual(run(["check", "-c", config, "--measure"])[::2], (
+            2, "--measure walks the sources of this host: name it with --host\n"))
+
     def test_store_overlapping_source(self):
         cluster = loads("SECRET: x\nserver: a:/data\nbackup: a:/data/backups\nsize: 1g\n"
                         "backup: b:/data\nsize: 1g\n")

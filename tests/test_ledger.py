@@ -151,6 +151,23 @@ class CountingTests(SynchronousTestCase):
         self.assertEqual(status.source, SOURCE)
         self.assertEqual(status.copies, 2)
 
+    def test_files_too_big_for_their_copies_are_named(self):
+        """
+        A file larger than the copies-th largest host quota fits on fewer
+        hosts than its copies need: status names it with the reason.
+        Two stores of one host count as one host (the larger quota).
+        """
+        ledger, _ = make(copies=2, files=[rec(b"small", 10), rec(b"mid", 500),
+                                          rec(b"huge", 5000), rec(b"caf\xe9", 900)])
+        self.assertIsNone(ledger.status().too_big)  # no quota reported yet
+        for store, quota in {"a:/1": 100, "a:/2": 6000, "b:/1": 800, "c:/1": 700}.items():
+            ledger.report(store, used=0, quota=quota)
+        self.assertEqual(ledger.status().too_big, {
+            "files": 2, "bytes": 5900, "copies_room": 800,
+            "examples": [["huge", 5000, 1], ["caf\udce9", 900, 1]]})
+        ledger.report("d:/1", used=0, quota=5000)
+        self.assertIsNone(ledger.status().too_big)
+
     def test_store_status_counts_current_holdings(self):
         ledger, clock = make(files=[rec(b"x", 5), rec(b"y", 7)])
         clock.advance(10)

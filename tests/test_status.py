@@ -12,6 +12,8 @@ import os
 import re
 import sys
 
+import attrs
+
 from twisted.internet import error as net_error
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.testing import MemoryReactorClock
@@ -164,6 +166,22 @@ class BuildTests(SynchronousTestCase):
         data = to_json(report)["sources"]
         self.assertEqual((data[0]["backup_hosts"], data[0]["own_host_stores"]),
                          (["host3", "host4"], ["host1:/backup"]))
+
+    def test_files_too_big_are_named(self):
+        big = {"files": 2, "bytes": 5 * GiB, "copies_room": GiB,
+               "examples": [["vm/disk.img", 4 * GiB, 1], ["caf\udce9", GiB + 1, 1]]}
+        answers = healthy_answers()
+        answers[0] = Answer("host1", "host1", 5005, (attrs.evolve(source_status(),
+                                                                  too_big=big),),
+                            answers[0].stores)
+        report = build(cluster(), answers, now=1000.0)
+        self.assertEqual(report.sources[0].problems, ["2 files too big for 2 copies"])
+        self.assertEqual(exit_code(report), 1)
+        text = render_text(report)
+        self.assertIn("  2 files (5G) can never have 2 copies: larger than 1G, they fit in "
+                      "the quota of fewer than 2 backup hosts\n"
+                      "    'vm/disk.img' (4G) fits on 1 host(s)\n", text)
+        self.assertEqual(to_json(report)["sources"][0]["too_big"], big)
 
     def test_unreachable_server_hides_nothing_else(self):
         answers = healthy_answers()
