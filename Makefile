@@ -25,6 +25,16 @@ rsync:
 	  echo "installing rsync"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsync; }
 
+# systemd-analyze (Debian's systemd package), for tests/test_units.py: best
+# effort, since a machine whose apt lacks it only skips that test.
+.PHONY: systemd-analyze
+systemd-analyze:
+	@command -v systemd-analyze >/dev/null || { \
+	  echo "installing systemd (for systemd-analyze)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends systemd; } \
+	  || echo "systemd-analyze not available: tests/test_units.py will skip"
+
 # A real cluster on this machine (127.0.0.x): see `cbackup demo --help`.
 demo: $(STAMP) rsync
 	$(VENV)/bin/cbackup demo --dir demo
@@ -33,7 +43,7 @@ demo: $(STAMP) rsync
 # then the scenario tests (marked slow: real processes) under pytest.  Those
 # mostly wait on their processes, so three workers run them, a test at a
 # time each (every scenario test has its own addresses and folders).
-test: $(STAMP) rsync
+test: $(STAMP) rsync systemd-analyze
 	CBACKUP_SKIP_SLOW=1 HYPOTHESIS_PROFILE=ci $(PY) -m twisted.trial -j 2 tests
 	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -m slow -n 3 --dist load
 
