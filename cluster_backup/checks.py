@@ -1,13 +1,14 @@
 """
 Advice about a valid config: what a careful operator wants to hear before
 deploying it.  Pure functions over a L{Cluster} (and, when known, the
-measured size of sources), returning plain sentences.
+measured size of sources, the SECRET FILE's mode, a resolver of host
+names), returning plain sentences.
 """
 
 from __future__ import annotations
 
-
-from typing import Mapping, Optional
+import ipaddress
+from typing import Callable, Mapping, Optional
 
 from cluster_backup.config import Cluster
 from cluster_backup.units import human_size
@@ -50,6 +51,9 @@ def warnings(cluster: Cluster, source_bytes: Optional[Mapping[str, int]] = None,
         out += _quota_warnings(cluster, source_bytes)
     if largest:
         out += _fit_warnings(cluster, largest)
+    if cluster.options.listen == "*":
+        out.append("LISTEN *: every server listens on all its interfaces (PORT and "
+                   "RSYNC PORT), not only on its host's address")
     if cluster.options.transport == "ssh":
         out.append("TRANSPORT ssh is not built yet: clients fetch through each "
                    "server's rsync daemon (TRANSPORT daemon)")
@@ -109,3 +113,49 @@ def _quota_warnings(cluster: Cluster, source_bytes: Mapping[str, int]) -> list[s
     return out
 
 
+def secret_file_warnings(path: str, mode: int) -> list[str]:
+    """
+    A SECRET FILE (at C{path}, with C{st_mode} C{mode}) that group or
+    others can read gives the cluster away; one they can write lets them
+    lock every host out.
+    """
+    access = [word for word, bits in (("readable", 0o044), ("writable", 0o022))
+              if mode & bits]
+    whom = [word for word, bits in (("its group", 0o060), ("others", 0o006)) if mode & bits]
+    if not access:
+        return []
+    return [f"SECRET FILE {path} is {' and '.join(access)} by {' and '.join(whom)} "
+            f"(mode {mode & 0o7777:04o}): whoever reads it can join the cluster and read "
+            f"every source; chmod 600 {path}"]
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def unresolved_warnings(cluster: Cluster, resolve: Callable[[str], object]) -> list[str]:
+    """
+    The hosts without C{address:} whose name does not resolve: C{resolve}
+    (L{socket.getaddrinfo} in C{cbackup check}) raises C{OSError} for them.
+    An IP address needs no lookup.  Each warning names the config line
+    where the host first appears.
+    """
+    out = []
+    for host in cluster.hosts():
+        if cluster.address_of(host) != host or _is_ip(host):
+            continue
+        try:
+            resolve(host)
+        except (OSError, UnicodeError) as e:
+            why = getattr(e, "strerror", None) or str(e)
+            line = next(b.line for b in (*cluster.sources, *cluster.stores) if b.host == host)
+            where = f"{cluster.filename}:{line}: " if line else ""
+            harm = ("clients cannot connect to its server" if cluster.sources_on(host)
+                    else "cbackup restore cannot reach its stores over ssh")
+            out.append(f"{where}host {host} does not resolve here ({why}): {harm}; fix its "
+                       "name in DNS or /etc/hosts, or give it 'address: IP'")
+    return out

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import json
+import os
+import socket
 import sys
-from typing import Optional, Sequence, TextIO
+from typing import Callable, Optional, Sequence, TextIO
 
 from cluster_backup import checks
-from cluster_backup.config import Cluster, ConfigError, load
+from cluster_backup.config import Cluster, ConfigError, load, read_secret_file
 from cluster_backup.config_write import format_fraction
-from cluster_backup.identity import identify_or_none
+from cluster_backup.identity import identify_or_none, listen_address
 from cluster_backup.measure import measure
 from cluster_backup.units import format_duration, human_size
 
@@ -127,7 +130,11 @@ def print_text(info: dict, out: TextIO) -> None:
         print(f"  {s['host']}:{s['path']}  {room}{ignore}", file=out)
     if info["host"]:
         roles = " and ".join(info["roles"])
-        print(f"this host: {info['host']} ({roles})", file=out)
+        listen = info.get("listen")
+        where = ("" if listen is None else
+                 "; its server listens on every interface" if listen == "*" else
+                 f"; its server listens on {listen}")
+        print(f"this host: {info['host']} ({roles}){where}", file=out)
     else:
         print(f"this host: {info['host_note']}", file=out)
     for sid, m in info["measured"].items():
@@ -141,9 +148,34 @@ def print_text(info: dict, out: TextIO) -> None:
             print(f"  - {w}", file=out)
 
 
-def cmd_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+def resolve_host(host: str) -> None:
+    """Look C{host} up as a client would; C{OSError} when it does not resolve."""
+    socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+
+
+def _read_secret_file(cluster: Cluster) -> list[str]:
+    """
+    Read the SECRET FILE as the daemons will (L{read_secret_file}: a
+    L{ConfigError} when it cannot be used); the warnings about its mode.
+    """
+    path = cluster.options.secret_file
+    if not path:
+        return []
+    try:
+        _secret, st = read_secret_file(path, cluster.filename)
+    except ConfigError as e:
+        if isinstance(e.__cause__, PermissionError):
+            raise ConfigError([f"{e.problems[0]} (as uid {os.geteuid()}); run check as "
+                               "the user the daemons run as"]) from e.__cause__
+        raise
+    return checks.secret_file_warnings(path, st.st_mode)
+
+
+def cmd_check(args: argparse.Namespace, out: TextIO, err: TextIO,
+              resolve: Callable[[str], object] = resolve_host) -> int:
     try:
         cluster = load(args.config)
+        problems = _read_secret_file(cluster)
     except ConfigError as e:
         for problem in e.problems:
             print(problem, file=err)
@@ -156,13 +188,23 @@ def cmd_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return EXIT_BAD_CONFIG
     note = None if host else ("not found in this config, or several of its hosts match; "
                               "use --host NAME to check a host's view")
-    measured, problems = {}, []
+    problems += checks.unresolved_warnings(cluster, resolve)
+    listen = None
+    if host is not None and cluster.sources_on(host):
+        address, problem = listen_address(cluster, host)
+        if problem:
+            problems.append(f"the server of {host} cannot start: {problem}")
+        else:
+            listen = address or "*"
+    measured = {}
     if args.measure:
         if host is None:
             print("--measure walks the sources of this host: name it with --host", file=err)
             return EXIT_BAD_CONFIG
-        measured, problems = measure(cluster, host)
+        measured, measure_problems = measure(cluster, host)
+        problems += measure_problems
     info = describe(cluster, host, note, measured, problems)
+    info["listen"] = listen
     if args.json:
         json.dump(info, out, indent=2)
         out.write("\n")
@@ -173,15 +215,23 @@ def cmd_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 #: Modules providing more subcommands: C{register(subparsers)} adds a parser
 #: whose C{func(args, out, err) -> exit code} runs it.
-COMMANDS = ("status", "accept", "restore", "demo")
+COMMANDS = ("status", "accept", "restore", "demo", "init")
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cbackup",
         description="cluster-backup: operator tools.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    check = sub.add_parser("check", help="check a config and print what it means")
+    check = sub.add_parser(
+        "check", help="check a config and print what it means",
+        description="Read a cluster config, report every problem in it (FILE:LINE each, "
+        "exit 2), and print what it means: options, sources, backups, this host's "
+        "role, and warnings (too few backup hosts for the copies, a store inside a "
+        "source, no secret, a SECRET FILE others can read, host names that do not "
+        "resolve).  The SECRET FILE is read as the daemons read it.  Run it on each "
+        "host: it also says which host of the config this machine is.")
     check.add_argument("-c", "--config", required=True, help="the cluster config file")
     check.add_argument("--host", help="check as this host of the config")
     check.add_argument("--json", action="store_true", help="print one JSON object")
@@ -192,6 +242,15 @@ def parser() -> argparse.ArgumentParser:
     for name in COMMANDS:
         importlib.import_module(f"cluster_backup.{name}").register(sub)
     return p
+
+
+def version() -> str:
+    """The installed distribution's version, else the package's own."""
+    try:
+        return importlib.metadata.version("cluster-backup")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+        from cluster_backup import __version__
+        return __version__
 
 
 def main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout,

@@ -11,8 +11,10 @@ are reported together, and nothing is written anywhere.
 from __future__ import annotations
 
 import ipaddress
+import os
 import posixpath
 import re
+import stat
 from typing import Callable, Optional
 
 from attrs import Factory, field, frozen
@@ -59,6 +61,9 @@ class Options:
     dead_after: float = 3600.0
     transport: str = "daemon"
     max_change: float = DEFAULT_MAX_CHANGE
+    #: Where servers listen: None for the host's own address (see
+    #: L{cluster_backup.identity.listen_address}), "*" for every interface.
+    listen: Optional[str] = None
 
 
 @frozen
@@ -250,6 +255,15 @@ def _address(text: str) -> str:
         raise ValueError(f"address must be an IP address, got {text!r}")
 
 
+def _listen(text: str) -> str:
+    value = text.strip()
+    if value != "*":
+        raise ValueError(
+            f"LISTEN takes only '*' (every interface), got {text!r}; a server "
+            "listens on its host's address (give the host 'address: IP')")
+    return value
+
+
 def _nonempty(text: str) -> str:
     if not text:
         raise ValueError("needs a value")
@@ -275,6 +289,7 @@ OPTION_KEYS: dict[str, tuple[str, Callable[[str], object]]] = {
     "dead after": ("dead_after", _positive_duration),
     "transport": ("transport", _transport),
     "max change": ("max_change", parse_max_change),
+    "listen": ("listen", _listen),
 }
 
 #: Block keys: normalized key -> (attribute, parser, may repeat).
@@ -349,11 +364,14 @@ class _Checker:
 
     def block(self, block: formats.Block, keys: dict, other: dict) -> Optional[dict]:
         values: dict[str, object] = {"line": block.head.line}
-        try:
-            values["host"], values["path"] = parse_location(block.head.value)
-        except ValueError as e:
-            self.problem(block.head.line, f"{block.head.key}: {e}")
-            return None
+        if block.broken:  # its head's problem is reported; check its keys only
+            values["host"] = values["path"] = None
+        else:
+            try:
+                values["host"], values["path"] = parse_location(block.head.value)
+            except ValueError as e:
+                self.problem(block.head.line, f"{block.head.key}: {e}")
+                values["host"] = values["path"] = None
         seen: dict[str, int] = {}
         failed: set[str] = set()
         ignores: list[tuple[str, int]] = []
@@ -381,6 +399,8 @@ class _Checker:
         values["_failed"] = failed
         if block.kind == "store":
             values["_ignores"] = ignores
+        if values["host"] is None:
+            return None  # its keys are checked; a block without a head builds nothing
         return values
 
     def unknown_key(self, key: str, block: formats.Block, keys: dict, other: dict) -> str:
@@ -398,11 +418,15 @@ class _Checker:
         sources: list[Source] = []
         stores: list[Store] = []
         first: dict[tuple[str, str], int] = {}
+        # A source whose head could not be read may be the one an
+        # 'ignore source' names: do not call that name unknown.
+        unread_source = False
         for block in doc.blocks:
             keys, other = ((SOURCE_KEYS, STORE_KEYS) if block.kind == "source"
                            else (STORE_KEYS, SOURCE_KEYS))
             values = self.block(block, keys, other)
             if values is None:
+                unread_source = unread_source or block.kind == "source"
                 continue
             failed = values.pop("_failed")
             ident = (block.kind, f"{values['host']}:{values['path']}")
@@ -436,7 +460,9 @@ class _Checker:
                     self.problem(line, f"ignore source: {e}")
                     continue
                 if f"{host}:{path}" not in known:
-                    self.problem(line, f"ignore source: {text} is not a source of this config")
+                    if not unread_source:
+                        self.problem(line, f"ignore source: {text} is not a source of "
+                                     "this config")
                     continue
                 normalized.append(f"{host}:{path}")
             values["ignore_sources"] = tuple(normalized)
@@ -486,9 +512,12 @@ def loads(text: str, filename: str = "<config>", yaml_format: Optional[bool] = N
     checker = _Checker(filename)
     try:
         doc = formats.read_yaml(text) if yaml_format else formats.read_lines(text)
-    except formats.SyntaxProblems as e:
+    except formats.SyntaxProblems as e:  # YAML that cannot be parsed at all
         checker.problems.extend(e.problems)
         raise checker.error()
+    # Lines that could not be read are problems; every other line is still
+    # checked, so one typo hides nothing else.
+    checker.problems.extend(doc.problems)
     cluster = checker.check(doc)
     if checker.problems:
         raise checker.error()
@@ -515,20 +544,77 @@ def load(path: str) -> Cluster:
 def read_secret(cluster: Cluster) -> Optional[bytes]:
     """
     The shared secret as bytes: C{SECRET}, or the first line of C{SECRET
-    FILE} (read now, on the host that needs it).  None when neither is set.
+    FILE} (read now, on the host that needs it, by L{read_secret_file}).
+    None when neither is set.
     """
     options = cluster.options
     if options.secret:
         return options.secret.encode("utf-8")
     if options.secret_file:
-        try:
-            with open(options.secret_file, "rb") as f:
-                secret = f.read().splitlines()[0].strip() if f else b""
-        except (OSError, IndexError) as e:
-            raise ConfigError([f"{cluster.filename}: SECRET FILE "
-                               f"{options.secret_file}: cannot read: {e}"])
-        if not secret:
-            raise ConfigError([f"{cluster.filename}: SECRET FILE "
-                               f"{options.secret_file} is empty"])
-        return secret
+        return read_secret_file(options.secret_file, cluster.filename)[0]
     return None
+
+
+#: The most a SECRET FILE may hold.  Its secret is its first line; a larger
+#: file is the wrong file (a log, a disk image), and is not read at all.
+MAX_SECRET_FILE = 64 * 1024
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a file"
+
+
+def read_secret_file(path: str, config: str = "<config>") -> tuple[bytes, os.stat_result]:
+    """
+    The secret in the SECRET FILE at C{path} (its first line, stripped) and
+    the file's C{fstat}, for L{cluster_backup.checks} to judge its mode.
+
+    Only a regular file (or a symlink to one) of at most L{MAX_SECRET_FILE}
+    bytes is read: a folder, a device (C{/dev/zero} never ends), a FIFO
+    (opening one waits for a writer) or a socket is refused before it is
+    opened, and again after (it is opened non-blocking, so a file swapped
+    for a FIFO in between cannot hang us).  Every refusal is a
+    L{ConfigError} naming C{config} and C{path}, caused by the C{OSError}
+    when there was one.
+    """
+    def refused(why: str) -> ConfigError:
+        return ConfigError([f"{config}: SECRET FILE {path}: {why}"])
+
+    def check(st: os.stat_result) -> None:
+        if not stat.S_ISREG(st.st_mode):
+            raise refused(f"not a regular file ({_file_kind(st.st_mode)})")
+        if st.st_size > MAX_SECRET_FILE:
+            raise refused(f"larger than {MAX_SECRET_FILE // 1024} KiB ({st.st_size} "
+                          "bytes); a secret file holds one line")
+
+    try:
+        check(os.stat(path))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:
+        raise refused(f"cannot read: {e.strerror}") from e
+    try:
+        st = os.fstat(fd)
+        check(st)
+        data = b""
+        while len(data) <= MAX_SECRET_FILE:  # a file may grow after the fstat
+            chunk = os.read(fd, MAX_SECRET_FILE + 1 - len(data))
+            if not chunk:
+                break
+            data += chunk
+    except OSError as e:
+        raise refused(f"cannot read: {e.strerror}") from e
+    finally:
+        os.close(fd)
+    if len(data) > MAX_SECRET_FILE:
+        raise refused(f"larger than {MAX_SECRET_FILE // 1024} KiB; a secret file holds "
+                      "one line")
+    lines = data.splitlines()
+    secret = lines[0].strip() if lines else b""
+    if not secret:
+        raise ConfigError([f"{config}: SECRET FILE {path} is empty"])
+    return secret, st

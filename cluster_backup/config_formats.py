@@ -22,7 +22,12 @@ BLOCK_KEYS = {"server": "source", "source": "source", "backup": "store", "store"
 
 
 class SyntaxProblems(Exception):
-    """The text could not be read; C{problems} is a list of (line, message)."""
+    """
+    The text could not be read at all (a YAML syntax error); C{problems} is
+    a list of (line, message).  Lines the line format cannot read are no
+    exception: they are L{Document.problems}, and every other line is still
+    read.
+    """
 
     def __init__(self, problems: list[tuple[int, str]]):
         super().__init__(problems)
@@ -45,6 +50,10 @@ class Block:
     kind: str  # "source" or "store"
     head: Entry
     entries: list[Entry] = field(factory=list)
+    #: The head could not be read (its problem is already in
+    #: L{Document.problems}): the keys are still checked, but the block
+    #: builds nothing.
+    broken: bool = False
 
 
 @define
@@ -55,6 +64,8 @@ class Document:
     blocks: list[Block] = field(factory=list)
     # Block keys seen before any block: reported by the checker, with lines.
     stray: list[Entry] = field(factory=list)
+    #: (line, message) of what could not be read; the rest still is.
+    problems: list[tuple[int, str]] = field(factory=list)
 
 
 def normalize_key(key: str) -> str:
@@ -97,24 +108,34 @@ def read_lines(text: str) -> Document:
     keys after them belong to it.  A bare key after the first block is kept
     in the block; the checker says when it is a global option written in the
     wrong place.
+
+    A line that cannot be read is a problem in L{Document.problems}, and
+    the other lines are still read.  One that starts with C{server},
+    C{backup} (or their aliases) but cannot be read still opens a (broken)
+    block, so the keys after it are checked in their own block rather than
+    in the one before.
     """
     doc = Document()
-    problems: list[tuple[int, str]] = []
+    problems = doc.problems
     current: Optional[Block] = None
     for number, raw in enumerate(text.splitlines(), start=1):
         line = _strip_comment(raw).strip()
         if not line:
             continue
         key, colon, value = line.partition(":")
-        if not colon or not key.strip():
-            problems.append((number, f"expected 'key: value', got {raw.strip()!r}"))
+        first = normalize_key(key).split(" ")[0]
+        if not colon or not key.strip() or (
+                first != normalize_key(key) and (first in BLOCK_KEYS or first == "options")):
+            if colon and key.strip():
+                problems.append((number, f"missing ':' after {first!r} in {raw.strip()!r}"))
+            else:
+                problems.append((number, f"expected 'key: value', got {raw.strip()!r}"))
+            if first in BLOCK_KEYS:
+                current = Block(BLOCK_KEYS[first], Entry(first, "", number), broken=True)
+                doc.blocks.append(current)
             continue
         key = normalize_key(key)
         value = value.strip()
-        first = key.split(" ")[0]
-        if first != key and (first in BLOCK_KEYS or first == "options"):
-            problems.append((number, f"missing ':' after {first!r} in {raw.strip()!r}"))
-            continue
         if key == "options":
             okey, ocolon, ovalue = value.partition(":")
             if not ocolon or not okey.strip():
@@ -129,8 +150,6 @@ def read_lines(text: str) -> Document:
             doc.stray.append(Entry(key, value, number))
         else:
             current.entries.append(Entry(key, value, number))
-    if problems:
-        raise SyntaxProblems(problems)
     return doc
 
 
@@ -190,21 +209,22 @@ def read_yaml(text: str) -> Document:
             size: 100gb
 
     Values are taken as the text written (C{2}, C{100gb}), so both formats
-    share one checker.  YAML syntax errors come back with their line.
+    share one checker.  A YAML syntax error stops the reading (the parser
+    cannot go on after one): it is raised as L{SyntaxProblems}, with its
+    line and column and where the construct it broke started.  Problems of
+    shape (a list where a value belongs, an entry without C{server:}, an
+    unknown section) are L{Document.problems}: the rest is still read.
     """
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-        line = mark.line + 1 if mark is not None else 1
-        problem = getattr(e, "problem", None) or str(e)
-        raise SyntaxProblems([(line, f"YAML syntax error: {problem}")])
+        raise SyntaxProblems([_yaml_syntax_problem(e)])
     except RecursionError:  # PyYAML's composer recurses once per nesting level
         raise SyntaxProblems([(1, "YAML syntax error: nested too deeply")])
     except ValueError as e:  # PyYAML's int() of a huge %YAML version number
         raise SyntaxProblems([(1, f"YAML syntax error: {str(e)[:200]}")])
     doc = Document()
-    problems: list[tuple[int, str]] = []
+    problems = doc.problems
     if root is None:
         return doc
     for key, node, line in _mapping(root, "top level", problems):
@@ -217,9 +237,22 @@ def read_yaml(text: str) -> Document:
         else:
             problems.append(
                 (line, f"unknown top-level key {key!r}: expected options, sources or backups"))
-    if problems:
-        raise SyntaxProblems(problems)
     return doc
+
+
+def _yaml_syntax_problem(e: yaml.YAMLError) -> tuple[int, str]:
+    """C{(line, message)} of a PyYAML error: line, column, and what it broke."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    if mark is None:
+        return 1, f"YAML syntax error: {str(e)[:200]}"
+    problem = getattr(e, "problem", None) or str(e)
+    message = f"YAML syntax error at column {mark.column + 1}: {problem}"
+    context, where = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and where is not None and where is not mark:
+        construct = re.sub(r"^while (parsing|scanning) (an? |the )?", "", context)
+        message += (f" (in the {construct} that starts at line {where.line + 1}, "
+                    f"column {where.column + 1})")
+    return mark.line + 1, message
 
 
 def _read_yaml_blocks(doc: Document, section: str, node: yaml.Node, problems: list) -> None:
@@ -231,19 +264,25 @@ def _read_yaml_blocks(doc: Document, section: str, node: yaml.Node, problems: li
         problems.append((node.start_mark.line + 1, f"{section}: expected a list of blocks"))
         return
     for item in node.value:
+        if not isinstance(item, yaml.MappingNode):
+            _mapping(item, section, problems)  # says what is wrong with it
+            continue
         entries = _mapping(item, section, problems)
         head = [(k, v, l) for k, v, l in entries if k in heads]
-        if len(head) != 1:
+        if len(head) == 1:
+            hkey, hnode, hline = head[0]
+            hvalues = _values(hnode, hkey, problems)
+            block = Block(kind, Entry(hkey, hvalues[0][0] if hvalues else "", hline),
+                          broken=not hvalues)
+        else:
             problems.append((
                 item.start_mark.line + 1,
                 f"each entry of {section} needs exactly one of "
                 + " or ".join(repr(h) for h in heads)))
-            continue
-        hkey, hnode, hline = head[0]
-        hvalues = _values(hnode, hkey, problems)
-        block = Block(kind, Entry(hkey, hvalues[0][0] if hvalues else "", hline))
+            # Its other keys are still checked, in a block that builds nothing.
+            block = Block(kind, Entry(heads[0], "", item.start_mark.line + 1), broken=True)
         for key, vnode, _ in entries:
-            if key == hkey:
+            if key in heads:
                 continue
             for value, vline in _values(vnode, key, problems):
                 block.entries.append(Entry(key, value, vline))

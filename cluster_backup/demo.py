@@ -335,7 +335,14 @@ def cmd_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def register(sub) -> None:
     """Add C{cbackup demo} to the command's subparsers."""
-    p = sub.add_parser("demo", help="run a real cluster on this machine and restore from it")
+    p = sub.add_parser(
+        "demo", help="run a real cluster on this machine and restore from it",
+        description="Run a real cluster on this machine: generate sources with awkward "
+        "names on two source hosts and four stores on three backup hosts (one twistd "
+        "process per host, on 127.0.0.2 to 127.0.0.6), show the copies climbing to "
+        "their targets, run cbackup status, restore one source and compare it byte "
+        "for byte, then stop every process.  The config, logs and stores stay in "
+        "--dir.")
     p.add_argument("--dir", default="cbackup-demo",
                    help="working folder (replaced if it holds an earlier demo)")
     p.add_argument("--timeout", type=float, default=100.0,

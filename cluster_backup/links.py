@@ -109,7 +109,9 @@ class ServerLink:
         self.reactor = reactor
         self.timeout = call_timeout(agent.cluster.options.report_interval)
         self.sources = [s for s in agent.sources if s.host == server_host]
-        endpoint = session.server_endpoint(reactor, address, port, timeout=self.timeout)
+        endpoint = session.ReportingEndpoint(
+            session.server_endpoint(reactor, address, port, timeout=self.timeout),
+            server_host, address, port, who=agent.id)
         factory = Factory.forProtocol(lambda: LinkProtocol(self))
         self.service = ClientService(
             endpoint, factory, retryPolicy=reconnect_delay, clock=reactor)

@@ -23,9 +23,14 @@ from itertools import zip_longest
 from typing import Any, Callable, Coroutine, Iterable, Optional, TypeVar
 
 from attrs import frozen
+from twisted.internet import error as net_error
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.logger import Logger
 from twisted.protocols import amp
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from .protocol import (
     MAX_CHUNKS,
@@ -219,6 +224,75 @@ def server_endpoint(reactor, address: str, port: int, timeout: float = 10):
     if ":" in address:
         return TCP6ClientEndpoint(reactor, address.strip("[]"), port, timeout=timeout)
     return TCP4ClientEndpoint(reactor, address, port, timeout=timeout)
+
+
+def connect_failure_reason(failure: Failure) -> str:
+    """Why a connection to a server failed, in a few words for the operator."""
+    e = failure.value
+    if isinstance(e, net_error.ConnectionRefusedError):
+        return "connection refused (is cbackup-server running there?)"
+    if isinstance(e, net_error.DNSLookupError):
+        return "its name does not resolve (set 'address:' in the config)"
+    if isinstance(e, (net_error.TimeoutError, net_error.TCPTimedOutError)):
+        return "no connection within the timeout"
+    if isinstance(e, net_error.NoRouteError):
+        return "no route to the host"
+    if isinstance(e, net_error.ConnectError) and e.osError:
+        return f"{e.osError}"
+    return failure.getErrorMessage() or type(e).__name__
+
+
+@implementer(IStreamClientEndpoint)
+class ReportingEndpoint:
+    """
+    The endpoint of server C{server} at C{address}:C{port}, wrapping
+    C{endpoint}, that logs why connecting fails: a warning naming the
+    server, its address and the reason when a reason first appears (not at
+    every retry: while it stays the same, C{ClientService}'s retry lines,
+    which print this endpoint as C{server NAME at ADDRESS:PORT}, say it goes
+    on), and once at info when a connection succeeds after failures.
+    C{who} (the store) starts each line.
+    """
+
+    def __init__(self, endpoint, server: str, address: str, port: int, who: str = "",
+                 logger: Optional[Logger] = None) -> None:
+        self._endpoint = endpoint
+        self._log = logger or _connect_log
+        self._who = f"{who}: " if who else ""
+        where = f"[{address}]" if ":" in address and not address.startswith("[") else address
+        self._name = f"server {server} at {where}:{port}"
+        self._reason: Optional[str] = None
+        self._failures = 0
+
+    def __str__(self) -> str:
+        return self._name
+
+    def __repr__(self) -> str:
+        return f"<ReportingEndpoint {self._name}>"
+
+    def connect(self, factory) -> Deferred:
+        return self._endpoint.connect(factory).addCallbacks(self._connected, self._failed)
+
+    def _connected(self, proto):
+        if self._failures:
+            self._log.info("{who}connected to {server} after {failures} failed attempts",
+                           who=self._who, server=self._name, failures=self._failures)
+        self._reason, self._failures = None, 0
+        return proto
+
+    def _failed(self, failure: Failure) -> Failure:
+        if failure.check(CancelledError):  # the service stopped: no failure of the server
+            return failure
+        self._failures += 1
+        reason = connect_failure_reason(failure)
+        if reason != self._reason:
+            self._reason = reason
+            self._log.warn("{who}cannot connect to {server}: {reason}; retrying, with backoff",
+                           who=self._who, server=self._name, reason=reason)
+        return failure
+
+
+_connect_log = Logger(namespace="cluster_backup.session")
 
 
 async def _follow(proto, command, source: str, store: str, limit: int,

@@ -11,8 +11,11 @@ cannot be asked is shown with the reason and hides nothing else.
 
 Exit status, for monitoring: 0 when every source was reached, is out of
 safemode, had a complete scan, has no scan error and no held scan, and has
-every file at its copies; 1 otherwise; 2 for a bad config
-(C{FILE:LINE: problem} on stderr).
+every file at its copies, and no store is stale or dead; 1 when a source
+is not so; 3 when the sources are fine but a store has stopped reporting (C{stale}:
+silent for 3 report intervals, or C{dead}: past DEAD AFTER), the early
+warning before copies go missing; 2 for a bad config (C{FILE:LINE: problem}
+on stderr).
 
 The network part (L{ask_server}, L{ask_all}) only gathers L{Answer}s;
 everything after is pure: L{build} turns a config and answers into a
@@ -50,6 +53,10 @@ from cluster_backup.units import human_size
 EXIT_OK = 0
 EXIT_PROBLEM = 1
 EXIT_BAD_CONFIG = 2
+#: Every source is fine, but a store is stale or dead (L{SILENT_STATES}).
+EXIT_STALE = 3
+#: The store states that mean its client has stopped reporting.
+SILENT_STATES = ("stale", "dead")
 
 #: The name we give in L{Hello} when this machine is no host of the config.
 ANONYMOUS_CLIENT = "cbackup-status"
@@ -322,9 +329,19 @@ def _source_view(status: SourceStatus, server: str, now: float, **where) -> Sour
                       status=status, scan_age=age, **where)
 
 
+def silent_stores(report: Report) -> list[StoreView]:
+    """The stores that have stopped reporting (stale or dead)."""
+    return [st for st in report.stores if st.state in SILENT_STATES]
+
+
 def exit_code(report: Report) -> int:
-    """0 when every source is fine (see L{SourceView.problems}), else 1."""
-    return EXIT_PROBLEM if any(v.problems for v in report.sources) else EXIT_OK
+    """
+    1 when a source needs attention (see L{SourceView.problems}); else 3
+    when a store is stale or dead (L{silent_stores}); else 0.
+    """
+    if any(v.problems for v in report.sources):
+        return EXIT_PROBLEM
+    return EXIT_STALE if silent_stores(report) else EXIT_OK
 
 
 def _round(seconds: Optional[float]) -> Optional[float]:
@@ -502,9 +519,17 @@ def render_text(report: Report) -> str:
     if any(v.status is not None and v.status.files for v in report.sources):
         lines.append("  marks: # a live copy, _ a copy still wanted")
     bad = sum(1 for v in report.sources if v.problems)
+    verdict = ("all sources ok" if not bad else
+               f"{bad} of {len(report.sources)} sources need attention")
+    silent = silent_stores(report)
+    if silent:
+        verdict += (f"; {len(silent)} store{'s' if len(silent) > 1 else ''} not reporting: "
+                    + ", ".join(f"{st.store} {st.state} ("
+                                + ("never reported" if st.last_report_age is None else
+                                   f"last report {age(st.last_report_age)} ago") + ")"
+                                for st in silent))
     lines.append("")
-    lines.append("all sources ok" if not bad else
-                 f"{bad} of {len(report.sources)} sources need attention")
+    lines.append(verdict)
     return "\n".join(lines) + "\n"
 
 
@@ -527,8 +552,10 @@ def register(subparsers) -> None:
         "status", help="ask every server how replication is going",
         description="Ask every server (concurrently) for its sources' copies "
         "and its stores' reports.  Exit 0 when every source is reachable, out "
-        "of safemode, scanned without error or held change, and at its copies; "
-        "1 otherwise; 2 on a bad config.")
+        "of safemode, scanned without error or held change, and at its copies, "
+        "and no store is stale or dead; 1 when a source is not so; 3 when the sources "
+        "are fine but a store is stale or dead (its client silent for 3 report "
+        "intervals, or past DEAD AFTER); 2 on a bad config.")
     p.add_argument("-c", "--config", required=True, help="the cluster config file")
     p.add_argument("--json", action="store_true", help="print one JSON object "
                    "(with --watch, one per line)")

@@ -5,18 +5,21 @@ and the plugins.
 
 from __future__ import annotations
 
+import importlib.metadata
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 
 from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
 from twisted.python import usage
+from twisted.python.procutils import which
 from twisted.trial.unittest import SynchronousTestCase
 
-from cluster_backup import checks, client_tap, server_tap
+from cluster_backup import checks, cli, client_tap, server_tap
 from cluster_backup.cli import main
 from cluster_backup.config import ConfigError, loads
 from cluster_backup.identity import identify
@@ -100,6 +103,166 @@ class CheckCommandTests(SynchronousTestCase):
                          f"{path}:10: unknown key 'colour' in a backup: block; "
                          "known keys: size, reserve, ignore source, address")
         self.assertNotIn("Traceback", result.stderr)
+
+
+class SecretFileCheckTests(SynchronousTestCase):
+    """
+    C{cbackup check} reads the SECRET FILE as the daemons will: a file it
+    cannot use is an error (exit 2, naming the path); one that group or
+    others can read or write is a warning.
+    """
+
+    def config(self, secret_path: str) -> str:
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, "cluster.conf")
+        with open(path, "w") as f:
+            f.write(f"SECRET FILE: {secret_path}\nserver: 127.0.0.7:/data\n"
+                    "backup: 127.0.0.8:/b\nsize: 1g\n")
+        return path
+
+    def secret(self, mode: int, data: bytes = b"s3cret\n") -> str:
+        path = os.path.abspath(self.mktemp())
+        with open(path, "wb") as f:
+            f.write(data)
+        os.chmod(path, mode)
+        return path
+
+    def test_mode_warnings(self):
+        for mode, words in [(0o644, "readable by its group and others (mode 0644)"),
+                            (0o640, "readable by its group (mode 0640)"),
+                            (0o602, "writable by others (mode 0602)"),
+                            (0o666, "readable and writable by its group and others")]:
+            path = self.secret(mode)
+            code, out, err = run(["check", "-c", self.config(path)])
+            self.assertEqual((code, err), (0, ""), mode)
+            self.assertIn(f"  - SECRET FILE {path} is {words}", out)
+            self.assertIn(f"chmod 600 {path}", out)
+        path = self.secret(0o600)
+        code, out, err = run(["check", "-c", self.config(path)])
+        self.assertEqual((code, err), (0, ""))
+        self.assertNotIn("SECRET FILE", out.split("warnings")[-1])
+
+    def test_unusable_secret_file_exit_2(self):
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        big = self.secret(0o600, b"s3cret\n" + b"#" * (64 * 1024))
+        empty = self.secret(0o600, b"\n")
+        for path, why in [(folder, "not a regular file (a folder)"),
+                          (big, "larger than 64 KiB"),
+                          (empty, "is empty"),
+                          (folder + "/missing", "cannot read: No such file or directory")]:
+            config = self.config(path)
+            code, out, err = run(["check", "-c", config])
+            self.assertEqual((code, out), (2, ""), path)
+            self.assertTrue(err.startswith(f"{config}: SECRET FILE {path}"), err)
+            self.assertIn(why, err)
+
+    def test_fifo_and_device_refused_by_the_command(self):
+        """The installed command: exit 2, the path, no traceback, no wait."""
+        fifo = os.path.abspath(self.mktemp())
+        os.mkfifo(fifo)
+        for path in (fifo, "/dev/zero"):
+            config = self.config(path)
+            result = subprocess.run(
+                [sys.executable, "-m", "cluster_backup.cli", "check", "-c", config],
+                capture_output=True, text=True, timeout=30)
+            self.assertEqual((result.returncode, result.stdout), (2, ""), result.stderr)
+            self.assertIn(f"{config}: SECRET FILE {path}: not a regular file", result.stderr)
+            self.assertNotIn("Traceback", result.stderr)
+
+    def test_unreadable_secret_file_names_the_user(self):
+        """
+        A SECRET FILE this user may not read (an operator not root, a root-only
+        file): exit 2, saying as whom.  As root the command runs without the
+        capabilities that bypass file modes (setpriv).
+        """
+        path = self.secret(0o000)
+        config = self.config(path)
+        argv = [sys.executable, "-m", "cluster_backup.cli", "check", "-c", config]
+        if os.geteuid() == 0:
+            if not which("setpriv"):
+                raise self.skipTest("root, and no setpriv to drop CAP_DAC_OVERRIDE")
+            argv = ["setpriv", "--inh-caps=-all",
+                    "--bounding-set=-dac_override,-dac_read_search", *argv]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        self.assertEqual((result.returncode, result.stdout), (2, ""), result.stderr)
+        self.assertEqual(result.stderr, f"{config}: SECRET FILE {path}: cannot read: "
+                         f"Permission denied (as uid {os.geteuid()}); run check as the "
+                         "user the daemons run as\n")
+
+
+class ResolveCheckTests(SynchronousTestCase):
+    """C{cbackup check} warns of host names that do not resolve."""
+
+    text = ("SECRET: x\nserver: alpha:/data\ncopies: 1\n"
+            "server: nowhere:/data\n"
+            "backup: 10.0.0.3:/b\nsize: 1g\n"
+            "backup: [fd00::4]:/b\nsize: 1g\n"
+            "backup: beta:/b\nsize: 1g\naddress: 10.0.0.5\n"
+            "backup: lost:/b\nsize: 1g\n")
+
+    def resolver(self, asked: list):
+        def resolve(host: str) -> None:
+            asked.append(host)
+            if host in ("nowhere", "lost"):
+                raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return resolve
+
+    def test_names_without_address_are_resolved(self):
+        asked: list = []
+        found = checks.unresolved_warnings(loads(self.text, "c.conf"), self.resolver(asked))
+        self.assertEqual(asked, ["alpha", "nowhere", "lost"])  # no address:, no IP literal
+        self.assertEqual(found, [
+            "c.conf:4: host nowhere does not resolve here (Name or service not known): "
+            "clients cannot connect to its server; fix its name in DNS or /etc/hosts, "
+            "or give it 'address: IP'",
+            "c.conf:12: host lost does not resolve here (Name or service not known): "
+            "cbackup restore cannot reach its stores over ssh; fix its name in DNS or "
+            "/etc/hosts, or give it 'address: IP'"])
+
+    def test_command_warns(self):
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write(self.text)
+        asked: list = []
+        out, err = io.StringIO(), io.StringIO()
+        args = cli.parser().parse_args(["check", "-c", path])
+        self.assertEqual(cli.cmd_check(args, out, err, resolve=self.resolver(asked)), 0)
+        self.assertIn(f"  - {path}:4: host nowhere does not resolve here", out.getvalue())
+        self.assertIn(f"  - {path}:12: host lost does not resolve here", out.getvalue())
+
+    def test_real_resolver(self):
+        """'.invalid' never resolves (RFC 6761); 'localhost' always does."""
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write("SECRET: x\nserver: localhost:/data\n"
+                    "backup: cbackup-test.invalid:/b\nsize: 1g\n")
+        code, out, err = run(["check", "-c", path])
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn(f"  - {path}:3: host cbackup-test.invalid does not resolve here (", out)
+        self.assertNotIn("host localhost", out)
+
+
+class HelpAndVersionTests(SynchronousTestCase):
+    def command(self, *argv) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cluster_backup.cli", *argv],
+                              capture_output=True, text=True, timeout=60)
+
+    def test_version(self):
+        result = self.command("--version")
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        self.assertEqual(result.stdout, f"cbackup {importlib.metadata.version('cluster-backup')}\n")
+        import cluster_backup
+        self.assertEqual(cluster_backup.__version__, importlib.metadata.version("cluster-backup"))
+
+    def test_check_and_demo_describe_themselves(self):
+        for argv, words in [(("check", "--help"), "Read a cluster config, report every problem"),
+                            (("demo", "--help"), "Run a real cluster on this machine")]:
+            result = self.command(*argv)
+            self.assertEqual(result.returncode, 0, result.stderr)
+            usage, _, rest = result.stdout.partition("\n\n")
+            self.assertTrue(rest.startswith(words), result.stdout)
 
 
 class WarningTests(SynchronousTestCase):
@@ -301,3 +464,38 @@ class PluginTests(SynchronousTestCase):
         with open(path, "w") as f:
             f.write(SEED.replace("copies: 2", "copies: 0"))
         return path
+
+
+class ListenCheckTests(SynchronousTestCase):
+    """check says where this host's server listens, and when it cannot."""
+
+    CONFIG = ("options: SECRET: 0123456789abcdef\n{listen}"
+              "server: {host}:/srv\ncopies: 1\n"
+              "backup: 127.0.0.3:/backup\nsize: 1g\n")
+
+    def check(self, host: str, listen: str = "") -> tuple[int, str, dict]:
+        folder = self.mktemp()
+        os.makedirs(folder)
+        path = os.path.join(folder, "cluster.conf")
+        with open(path, "w") as f:
+            f.write(self.CONFIG.format(host=host, listen=listen))
+        code, out, _ = run(["check", "-c", path, "--host", host])
+        _, js, _ = run(["check", "-c", path, "--host", host, "--json"])
+        return code, out, json.loads(js)
+
+    def test_ip_named_host_listens_on_its_address(self):
+        code, out, info = self.check("127.0.0.2")
+        self.assertEqual(code, 0)
+        self.assertIn("this host: 127.0.0.2 (server); its server listens on 127.0.0.2", out)
+        self.assertEqual(info["listen"], "127.0.0.2")
+
+    def test_listen_star_is_said(self):
+        code, out, info = self.check("127.0.0.2", "options: LISTEN: *\n")
+        self.assertIn("its server listens on every interface", out)
+        self.assertIn("LISTEN *: every server listens on all its interfaces", out)
+        self.assertEqual(info["listen"], "*")
+
+    def test_address_not_this_machine(self):
+        code, out, info = self.check("192.0.2.44")
+        self.assertIn("the server of 192.0.2.44 cannot start: host 192.0.2.44's address "
+                      "192.0.2.44 is not an address of this machine", out)

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import os
 import string
+import subprocess
+import sys
 
 from hypothesis import given, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from cluster_backup.config import Cluster, ConfigError, Options, Source, Store, load, loads
+from cluster_backup.config import (Cluster, ConfigError, Options, Source, Store, load, loads,
+                                   read_secret)
 from cluster_backup.config_write import to_lines, to_yaml
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -30,6 +33,8 @@ size: 1t
 
 GiB = 2**30
 TiB = 2**40
+#: The most a SECRET FILE may hold (64 KiB: a secret is one line).
+MAX_SECRET_FILE = 64 * 1024
 
 
 class SeedTests(SynchronousTestCase):
@@ -250,6 +255,149 @@ class ErrorTests(SynchronousTestCase):
         with self.assertRaises(ConfigError) as raised:
             load(path)
         self.assertEqual(raised.exception.problems, [f"{path}:10: not valid UTF-8 text"])
+
+
+class EveryLineCheckedTests(SynchronousTestCase):
+    """
+    A line that cannot be read hides nothing else: every other line is
+    still checked, and every problem is reported with its line.
+    """
+
+    def test_unreadable_line_and_bad_values_all_reported(self):
+        text = (SEED.replace("copies: 2", "copies: 0")
+                .replace("size: 1t", "size: huge")
+                .replace("server: host2:/path/to/otherdir",
+                         "server: host2:/path/to/otherdir\njust words"))
+        found = problems(text)
+        self.assertEqual([p.split(":")[1] for p in found], ["3", "5", "10"], found)
+        self.assertIn("bad.conf:5: expected 'key: value', got 'just words'", found)
+
+    def test_bad_block_head_keeps_its_keys_apart(self):
+        """
+        A block head that cannot be read (no ':' after 'server') still opens
+        a block: its keys are checked there, and do not land in the block
+        before it (no false 'given twice').
+        """
+        text = SEED.replace("server: host2:/path/to/otherdir", "server host2:/path/to/otherdir")
+        self.assertEqual(problems(text), [
+            "bad.conf:4: missing ':' after 'server' in 'server host2:/path/to/otherdir'"])
+        worse = text.replace("copies: 1", "copies: none\ncolour: red")
+        self.assertEqual([p.split(":")[1] for p in problems(worse)], ["4", "5", "6"])
+        self.assertProblems(worse, 5, "copies: expected a whole number")
+        self.assertProblems(worse, 6, "unknown key 'colour' in a server: block")
+
+    def test_bad_head_without_colon_opens_a_block(self):
+        text = SEED + "backup host5\nsize: 1g\nsize: 2g\n"
+        self.assertEqual([p.split(":")[1] for p in problems(text)], ["10", "12"])
+        self.assertProblems(text, 12, "'size' given twice in this block (first at line 11)")
+
+    def test_ignored_source_in_an_unreadable_block_is_not_unknown(self):
+        """Whether h1:/data is a source is unknown when its head is unreadable."""
+        text = ("server h1 /data\ncopies: 2\nbackup: h2:/b\nsize: 1gallon\n"
+                "ignore source: h1:/data\n")
+        self.assertEqual([p.split(":")[1] for p in problems(text)], ["1", "4"])
+
+    def test_bad_options_line_and_bad_values(self):
+        text = "options PORT: 5005\noptions: BWLIMIT: fast\n" + SEED
+        self.assertEqual([p.split(":")[1] for p in problems(text)], ["1", "2"])
+
+    def test_yaml_syntax_error_has_line_and_column(self):
+        text = "sources:\n  - server: h:/s\n    copies: [1\n"
+        self.assertEqual(problems(text, "bad.yaml"), [
+            "bad.yaml:4: YAML syntax error at column 1: expected ',' or ']', but got "
+            "'<stream end>' (in the flow sequence that starts at line 3, column 13)"])
+        tabs = "sources:\n  - server: h:/s\n\tcopies: 2\n"
+        [problem] = problems(tabs, "bad.yaml")
+        self.assertTrue(problem.startswith("bad.yaml:3: YAML syntax error at column 1: "),
+                        problem)
+
+    def test_yaml_shape_problems_hide_no_values(self):
+        text = ("options:\n  PORT: 5005\n  BWLIMIT: [1, [2]]\nsources:\n"
+                "  - server: h:/s\n    copies: 0\n  - copies: 2\n    colour: red\n"
+                "backups:\n  - backup: b:/b\n    size: 1gallon\nwhatever: 1\n")
+        self.assertEqual([p.split(":")[1] for p in problems(text, "bad.yaml")],
+                         ["3", "6", "7", "8", "11", "12"])
+
+    def assertProblems(self, text: str, line: int, words: str):
+        found = problems(text)
+        self.assertTrue(any(p.startswith(f"bad.conf:{line}: ") and words in p for p in found),
+                        f"expected bad.conf:{line}: ...{words}... in {found}")
+
+
+class SecretFileTests(SynchronousTestCase):
+    """
+    C{read_secret} reads a SECRET FILE as the server does at start: a
+    regular file (or a symlink to one), at most L{MAX_SECRET_FILE} bytes;
+    anything else is a L{ConfigError} naming the config and the path.
+    """
+
+    def cluster(self, path: str):
+        return loads(f"SECRET FILE: {path}\nserver: h:/s\n", "c.conf")
+
+    def path(self, data: bytes = b"s3cret\n") -> str:
+        path = os.path.abspath(self.mktemp())
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
+
+    def refused(self, path: str) -> str:
+        with self.assertRaises(ConfigError) as raised:
+            read_secret(self.cluster(path))
+        [problem] = raised.exception.problems
+        self.assertTrue(problem.startswith(f"c.conf: SECRET FILE {path}"), problem)
+        return problem
+
+    def test_first_line(self):
+        self.assertEqual(read_secret(self.cluster(self.path(b"  s3cret \nmore\n"))), b"s3cret")
+
+    def test_symlink_to_a_file(self):
+        link = os.path.abspath(self.mktemp())
+        os.symlink(self.path(), link)
+        self.assertEqual(read_secret(self.cluster(link)), b"s3cret")
+
+    def test_largest_allowed(self):
+        data = b"s3cret\n" + b"#" * (MAX_SECRET_FILE - 7)
+        self.assertEqual(read_secret(self.cluster(self.path(data))), b"s3cret")
+
+    def test_too_big(self):
+        path = self.path(b"s3cret\n" + b"#" * MAX_SECRET_FILE)
+        self.assertIn("larger than 64 KiB", self.refused(path))
+
+    def test_missing(self):
+        self.assertIn("No such file or directory", self.refused(os.path.abspath(self.mktemp())))
+
+    def test_folder(self):
+        folder = os.path.abspath(self.mktemp())
+        os.mkdir(folder)
+        self.assertIn("not a regular file (a folder)", self.refused(folder))
+        link = folder + ".link"
+        os.symlink(folder, link)
+        self.assertIn("not a regular file (a folder)", self.refused(link))
+
+    def test_empty(self):
+        self.assertIn("is empty", self.refused(self.path(b"\n\n")))
+
+    def test_device_and_fifo_refused_without_reading(self):
+        """
+        /dev/zero (endless) and a FIFO (opening it waits for a writer) are
+        refused at once; the read runs in a child with a deadline and a
+        memory bound, so the old unbounded read fails instead of hanging.
+        """
+        fifo = os.path.abspath(self.mktemp())
+        os.mkfifo(fifo)
+        for path, kind in (("/dev/zero", "a character device"), (fifo, "a FIFO")):
+            code = ("import resource, sys\n"
+                    "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+                    "from cluster_backup.config import ConfigError, loads, read_secret\n"
+                    "try:\n"
+                    f"    read_secret(loads('SECRET FILE: {path}\\n', 'c.conf'))\n"
+                    "except ConfigError as e:\n"
+                    "    print(e)\n")
+            result = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                    text=True, timeout=30, cwd=os.path.dirname(HERE))
+            self.assertEqual(
+                (result.returncode, result.stdout, result.stderr),
+                (0, f"c.conf: SECRET FILE {path}: not a regular file ({kind})\n", ""))
 
 
 # --- round trips -------------------------------------------------------------

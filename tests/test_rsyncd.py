@@ -22,7 +22,7 @@ from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTer
 from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.logger import capturedLogs
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.python.procutils import which
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -90,7 +90,9 @@ class RenderConfigTests(SynchronousTestCase):
         self.assertEqual(conf["port"], "5006")
         self.assertEqual(conf["pid file"], "/var/lib/cbackup/rsyncd/rsyncd.pid")
         self.assertEqual(conf["lock file"], "/var/lib/cbackup/rsyncd/rsyncd.lock")
-        self.assertEqual(conf["log file"], "/var/lib/cbackup/rsyncd/rsyncd.log")
+        # Its lines go through the server's log (RsyncDaemon._output), not
+        # into a file in the state dir that nobody rotates.
+        self.assertEqual(conf["log file"], "/dev/stderr")
         self.assertEqual(conf["reverse lookup"], "no")
 
     def test_module(self) -> None:
@@ -410,6 +412,74 @@ class RsyncDaemonTests(SynchronousTestCase):
         lines = [e.get("line") for e in events if "line" in e]
         self.assertEqual(lines, ["rsync: bind() failed: Address in use", "second"])
 
+    def test_lines_logged_at_their_levels(self) -> None:
+        """
+        The daemon logs to its stderr (C{log file = /dev/stderr}): each line
+        goes to our log without rsync's date and pid, at a level that fits:
+        a daemon that cannot serve is an error, refused clients and failed
+        transfers a warning.  A connection's chatter is not logged: one
+        debug line per transfer, with its totals.
+        """
+        self.daemon.startService()
+        first = b"2026/12/06 01:41:50 [11744] "
+        other = b"2026/12/06 01:41:51 [11745] "
+        transfer = "rsync on m/file from cbackup@UNDETERMINED (127.0.0.1)"
+        lines = [
+            b"2026/12/06 01:41:50 [11740] rsyncd version 3.5.0 starting, listening on "
+            b"port 5006",
+            first + b"connect from UNDETERMINED (127.0.0.1)",
+            first + b"rsync allowed access on module m from UNDETERMINED (127.0.0.1)",
+            first + transfer.encode(),
+            other + b"connect from UNDETERMINED (127.0.0.1)",
+            other + b"rsync on m/chroot error denied from cbackup@UNDETERMINED (127.0.0.1)",
+            first + b"building file list",
+            other + b'rsync: [sender] link_stat "/bind() failed chroot" (in m) failed: No '
+            b'such file or directory (2)',
+            first + b"sent 114 bytes  received 48 bytes  total size 3",
+            first + b"auth failed on module m from UNDETERMINED (127.0.0.1) for cbackup: "
+            b"password mismatch",
+            first + b"unknown module 'nomod' tried from UNDETERMINED (127.0.0.1)",
+            first + b"rsync: The server is configured to refuse --copy-links (-L)",
+            first + b"rsync error: requested action not supported (code 4) at "
+            b"clientserver.c(1267) [sender=3.5.0]",
+            first + b"max connections (16) reached -- try again later",
+            b"failed to lock pid file /s/rsyncd.pid: Resource temporarily unavailable",
+            # rsync wrote that to stderr and to its log: logged once.
+            first + b"failed to lock pid file /s/rsyncd.pid: Resource temporarily unavailable",
+            first + b"bind() failed: Address already in use (address-family 2)",
+            first + b"unable to bind any inbound sockets on port 5006",
+            b"something new",
+        ]
+        with capturedLogs() as events:
+            for line in lines:
+                self.process().proto.childDataReceived(2, line + b"\n")
+        logged = [(e["log_level"].name, e.get("rsync_pid"), formatEvent(e))
+                  for e in events if "line" in e]
+        self.assertEqual(logged, [
+            ("info", 11740, "rsync daemon: rsyncd version 3.5.0 starting, listening on "
+             "port 5006"),
+            ("warn", 11745, "rsync daemon: rsync on m/chroot error denied from "
+             "cbackup@UNDETERMINED (127.0.0.1): rsync: [sender] link_stat \"/bind() failed "
+             "chroot\" (in m) failed: No such file or directory (2)"),
+            ("debug", 11744, f"rsync daemon: {transfer}: sent 114 bytes  received 48 bytes  "
+             "total size 3"),
+            ("warn", 11744, "rsync daemon: auth failed on module m from UNDETERMINED "
+             "(127.0.0.1) for cbackup: password mismatch"),
+            ("warn", 11744, "rsync daemon: unknown module 'nomod' tried from UNDETERMINED "
+             "(127.0.0.1)"),
+            ("warn", 11744, "rsync daemon: rsync: The server is configured to refuse "
+             "--copy-links (-L)"),
+            ("warn", 11744, "rsync daemon: rsync error: requested action not supported "
+             "(code 4) at clientserver.c(1267) [sender=3.5.0]"),
+            ("warn", 11744, "rsync daemon: max connections (16) reached -- try again later"),
+            ("error", None, "rsync daemon: failed to lock pid file /s/rsyncd.pid: Resource "
+             "temporarily unavailable"),
+            ("error", 11744, "rsync daemon: bind() failed: Address already in use "
+             "(address-family 2)"),
+            ("error", 11744, "rsync daemon: unable to bind any inbound sockets on port 5006"),
+            ("info", None, "rsync daemon: something new"),
+        ])
+
     def test_restart_with_backoff(self) -> None:
         """An unexpected exit restarts after 1, 2, 4 ... 60 s."""
         self.daemon.startService()
@@ -546,8 +616,9 @@ class _RealDaemonMixin:
             os.symlink(target, os.path.join(self.source, name))
         self.dest = os.path.join(top, "dest")
         self.port = free_port(self.address)
+        self.state_dir = os.path.join(top, "state")
         self.daemon = RsyncDaemon(
-            real_reactor, os.path.join(top, "state"), self.address, self.port,
+            real_reactor, self.state_dir, self.address, self.port,
             [self.source], host="testhost", secret=b"test secret",
             chroot=self.chroot, stop_timeout=5,
         )
@@ -638,6 +709,41 @@ class _RealDaemonMixin:
             ]))
         await self.fetch("-a", "--from0", "--files-from=" + listing)
         self.assertNoOutsideBytes()
+
+    async def test_lines_in_the_servers_log(self) -> None:
+        """
+        The daemon's own lines reach our log (the journal) at their levels,
+        from the chrooted connection too, and no log file grows in the
+        state dir.
+        """
+        host, port, module, user, password = self.endpoint
+        with capturedLogs() as events:
+            code, err = await self.fetch("-a", password="wrong", source="file")
+            self.assertEqual(code, 5, err)
+            code, err = await self.fetch("-a", source="file")
+            self.assertEqual(code, 0, err)
+
+            def seen(level, start):
+                return [e for e in events if e.get("log_level") == level
+                        and e.get("line", "").startswith(start)]
+
+            for _ in range(100):
+                if seen(LogLevel.debug, "sent "):
+                    break
+                await deferLater(real_reactor, 0.05)
+        self.assertEqual(len(seen(LogLevel.warn, f"auth failed on module {module} from ")),
+                         1, events)
+        [transfer] = seen(LogLevel.debug, "sent ")
+        self.assertTrue(transfer["transfer"].startswith(f"rsync on {module}/file from {user}@"),
+                        transfer)
+        # Nothing else of these two connections: no chatter.
+        self.assertEqual([e["line"] for e in events if e.get("rsync_pid") is not None
+                          and e["line"] != transfer["line"]
+                          and not e["line"].startswith(("auth failed", "rsyncd version"))],
+                         [])
+        self.assertEqual(sorted(os.listdir(self.state_dir)),
+                         sorted(["rsyncd.conf", "rsyncd.lock", "rsyncd.pid",
+                                 f"{module}.secrets"]))
 
     async def test_no_delete(self) -> None:
         """--remove-source-files cannot touch the read-only source."""

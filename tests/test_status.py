@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import subprocess
 import sys
 
 import attrs
@@ -236,6 +237,41 @@ class BuildTests(SynchronousTestCase):
         self.assertIn(f"cbackup accept -c CONFIG --source {S1}\n", text)
         self.assertEqual(to_json(report)["sources"][0]["held"], HELD)
         self.assertFalse(to_json(report)["sources"][0]["ok"])
+
+    def test_stale_or_dead_store_exits_3(self):
+        """
+        A store silent for 3 report intervals (stale), or past DEAD AFTER
+        (dead), is the early warning monitoring wants: exit 3 while every
+        source is fine; a source that needs attention still makes it 1.
+        """
+        for state in ("stale", "dead"):
+            answers = healthy_answers()
+            answers[0] = Answer("host1", "host1", 5005, (source_status(),),
+                                ((S1, store_status(ST3, state=state, age=200.0)),
+                                 (S1, store_status(ST4))))
+            answers[1] = Answer("host2", "host2", 5005, (source_status(S2, 1),),
+                                ((S2, store_status(ST3, state=state, age=190.0)),))
+            report = build(cluster(), answers, now=1000.0)
+            self.assertEqual([v.problems for v in report.sources], [[], []])
+            self.assertEqual(exit_code(report), 3, state)
+            self.assertEqual(status.EXIT_STALE, 3)
+            self.assertFalse(to_json(report)["ok"])
+            text = render_text(report)
+            self.assertTrue(text.endswith(
+                f"\nall sources ok; 1 store not reporting: {ST3} {state} "
+                "(last report 3m ago)\n"), text)
+            answers[0] = Answer("host1", "host1", 5005, (source_status(safemode=True),),
+                                answers[0].stores)
+            self.assertEqual(exit_code(build(cluster(), answers, now=1000.0)), 1)
+
+    def test_status_help_names_every_exit_code(self):
+        result = subprocess.run([sys.executable, "-m", "cluster_backup.cli", "status",
+                                 "--help"], capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        text = " ".join(result.stdout.split())
+        self.assertIn("Exit 0 when every source is reachable", text)
+        self.assertIn("3 when the sources are fine but a store is stale or dead", text)
+        self.assertIn("2 on a bad config", text)
 
     def test_scan_age_never_negative(self):
         report = build(cluster(), healthy_answers(), now=900.0)  # server clock ahead
