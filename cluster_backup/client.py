@@ -943,16 +943,93 @@ class Agent(MultiService):
         return d
 
 
-def build(cluster: Cluster, host: str, reactor) -> MultiService:
-    """The service tree of C{cbackup-client} for C{host}: one agent per store."""
-    from cluster_backup.config import read_secret
+def _agent_view(cluster: Cluster, config: StoreConfig, secret: Optional[bytes]) -> tuple:
+    """
+    Everything of a config one store's agent depends on: while it stays the
+    same, a reload leaves the agent running.
+    """
+    sources = tuple(s for s in cluster.sources if cluster.backs_up(config, s))
+    servers = tuple(sorted((s.host, cluster.address_of(s.host)) for s in sources))
+    return (config, sources, servers, cluster.options, secret)
 
-    secret = read_secret(cluster)
-    top = MultiService()
-    busy: set = set()
-    top.agents = []
-    for config in cluster.stores_on(host):
-        agent = Agent(cluster, config, host, secret, reactor, busy)
-        agent.setServiceParent(top)
-        top.agents.append(agent)
-    return top
+
+class Client(MultiService):
+    """
+    The service tree of C{cbackup-client} for one host: one L{Agent} per
+    store.  L{reload} applies a new config: agents whose store, sources,
+    servers, options or secret changed stop (their transfers in flight end;
+    every copy stays on disk) and start again from the new config, counting
+    their store as at start; new stores get an agent; the agents of
+    removed stores stop; every other agent goes on untouched.
+    """
+
+    def __init__(self, cluster: Cluster, host: str, reactor):
+        from cluster_backup.config import read_secret
+
+        super().__init__()
+        self.host = host
+        self.reactor = reactor
+        self.cluster = cluster
+        self.secret = read_secret(cluster)
+        self.busy: set = set()  # shared by the agents: see Agent.busy
+        self.agents: list[Agent] = []
+        self.views: dict[str, tuple] = {}
+        #: store id -> the stop of its agent a reload ended, until it fires.
+        self.stopping: dict[str, Deferred] = {}
+        for config in cluster.stores_on(host):
+            self._add(config)
+
+    def _add(self, config: StoreConfig) -> None:
+        agent = Agent(self.cluster, config, self.host, self.secret, self.reactor, self.busy)
+        agent.setServiceParent(self)
+        self.agents.append(agent)
+        self.views[agent.id] = _agent_view(self.cluster, config, self.secret)
+
+    def reload(self, cluster: Cluster) -> Optional[str]:
+        """
+        Apply C{cluster} (a new config); returns why not, or None once the
+        change is under way.  A store's new agent starts only once its old
+        one has stopped, so two never write one store.
+        """
+        from cluster_backup.config import ConfigError, read_secret
+
+        if not cluster.stores_on(self.host):
+            return (f"host {self.host} has no stores in the new config "
+                    "(stop the client instead)")
+        try:
+            secret = read_secret(cluster)
+            configs = {c.id: c for c in cluster.stores_on(self.host)}
+            for config in configs.values():
+                Store.from_config(config)  # a store that cannot be used: refuse all
+        except (ConfigError, StoreError, OSError, ValueError) as e:
+            return str(e)
+        self.cluster, self.secret = cluster, secret
+        for agent in list(self.agents):
+            config = configs.get(agent.id)
+            if config is not None and _agent_view(cluster, config, secret) == self.views[agent.id]:
+                continue
+            self.agents.remove(agent)
+            del self.views[agent.id]
+            log.info("{store}: {what}", store=agent.id,
+                     what="no longer in the config; stopping" if config is None
+                     else "its config changed; restarting it")
+            stopped = maybeDeferred(agent.disownServiceParent)
+            self.stopping[agent.id] = stopped
+            stopped.addBoth(self._stopped, agent.id)
+        for store_id, config in configs.items():
+            if store_id not in self.views and store_id not in self.stopping:
+                log.info("{store}: new in the config; starting", store=store_id)
+                self._add(config)
+        return None
+
+    def _stopped(self, _, store_id: str) -> None:
+        """An agent a reload stopped is gone: start it again if its store stays."""
+        del self.stopping[store_id]
+        for config in self.cluster.stores_on(self.host):
+            if config.id == store_id and store_id not in self.views:
+                self._add(config)
+
+
+def build(cluster: Cluster, host: str, reactor) -> Client:
+    """The service tree of C{cbackup-client} for C{host} (L{Client})."""
+    return Client(cluster, host, reactor)

@@ -9,14 +9,15 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from cluster_backup.config import Cluster
-from cluster_backup.tapbase import ClusterOptions
+from cluster_backup.tapbase import ClusterOptions, reload_on_sighup
 
 
 class Options(ClusterOptions):
     """Options of C{cbackup-client}."""
 
     synopsis = "-c FILE [--host NAME]"
-    longdesc = "Fill this host's stores (backup: lines) from the servers."
+    longdesc = ("Fill this host's stores (backup: lines) from the servers. "
+                "SIGHUP reloads the config.")
 
     def check_role(self, cluster: Cluster, host: str) -> None:
         if not cluster.stores_on(host):
@@ -26,7 +27,10 @@ class Options(ClusterOptions):
 
 
 def makeService(options: Options) -> IService:
-    """Build the client's service tree; nothing connects until it starts."""
+    """
+    Build the client's service tree; nothing connects until it starts.
+    SIGHUP reloads the config (L{reload_on_sighup}).
+    """
     from twisted.internet import reactor
 
     from cluster_backup.client import build
@@ -34,6 +38,8 @@ def makeService(options: Options) -> IService:
     from cluster_backup.store import StoreError
 
     try:
-        return build(options["cluster"], options["host"], reactor)
+        client = build(options["cluster"], options["host"], reactor)
     except (ConfigError, StoreError, OSError, ValueError) as e:
         raise SystemExit(f"cbackup-client: {e}")
+    reload_on_sighup(reactor, options["config"], options["host"], client, "cbackup-client")
+    return client

@@ -12,6 +12,7 @@ C{--host}.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import socket
 from typing import Callable, Iterable, Optional
 
@@ -106,3 +107,58 @@ def identify_or_none(cluster: Cluster, name: Optional[str] = None) -> Optional[s
         if name is not None:
             raise
         return None
+
+
+def _ip(text: str) -> Optional[ipaddress._BaseAddress]:
+    try:
+        return ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return None
+
+
+def listen_address(
+    cluster: Cluster,
+    host: str,
+    *,
+    resolve: Callable[[str], list[str]] = _resolve,
+    is_local: Callable[[str], bool] = is_local_address,
+) -> tuple[Optional[str], Optional[str]]:
+    """
+    Where C{host}'s server listens (its AMP port and its rsync daemon), as
+    C{(address, problem)}: the address, or None for every interface, and
+    the reason it cannot listen, if any.
+
+    A server listens on the address other hosts reach it at, never on
+    every interface unless the config says C{LISTEN: *}:
+      - the host's C{address:}, or its name when that is an IP address;
+      - else the one address its name resolves to on this machine that is
+        not a loopback address (the first IPv4 one if several).
+    A name that resolves here only to loopback addresses (Debian's
+    C{/etc/hosts} maps a machine's own name to 127.0.1.1) does not say
+    where the other hosts reach it: that is a problem (unless the host is
+    named C{localhost}, which asks for loopback), as is an address that is
+    not this machine's.
+    """
+    if cluster.options.listen == "*":
+        return None, None
+    address = cluster.address_of(host)
+    if _ip(address) is not None:
+        address = address.strip("[]")
+        if not is_local(address):
+            return None, (f"host {host}'s address {address} is not an address of this "
+                          "machine (is this the right host? see --host)")
+        return address, None
+    found = [a for a in resolve(address) if is_local(a)]
+    outside = [a for a in found if not _ip(a).is_loopback]
+    outside.sort(key=lambda a: (_ip(a).version, a))
+    if outside:
+        return outside[0], None
+    if found and address.lower() in ("localhost", "localhost.localdomain"):
+        return sorted(found, key=lambda a: (_ip(a).version, a))[0], None  # asked for
+    if found:
+        return None, (f"host {host} resolves here only to {', '.join(found)} (loopback, "
+                      "as /etc/hosts may write a machine's own name): other hosts could "
+                      f"not reach a server listening there; give {host} 'address: IP' in "
+                      "the config, or set 'LISTEN: *' to listen on every interface")
+    return None, (f"host {host} resolves to no address of this machine; give it "
+                  "'address: IP' in the config, or set 'LISTEN: *'")

@@ -576,6 +576,10 @@ def _take(queue: deque, budget: int) -> list[bytes]:
     return out
 
 
+#: L{ServerProtocol}'s arguments in order, so the factory holds them by name.
+_PROTOCOL_ARGS = ("ledgers", "stores", "secret", "server_host", "rsync", "clock")
+
+
 class ServerFactory(Factory):
     """
     Builds a L{ServerProtocol} per connection, with the arguments given here
@@ -585,13 +589,16 @@ class ServerFactory(Factory):
     protocol = ServerProtocol
 
     def __init__(self, *args, **kwargs):
-        self._args = args
-        self._kwargs = kwargs
+        self._kwargs = dict(zip(_PROTOCOL_ARGS, args), **kwargs)
         #: connections and commands (by name) handled since last cleared.
         self.traffic: Counter[str] = Counter()
 
+    def configure(self, **kwargs) -> None:
+        """New arguments (a reloaded secret, say) for the connections to come."""
+        self._kwargs.update(kwargs)
+
     def buildProtocol(self, addr) -> ServerProtocol:
-        p = ServerProtocol(*self._args, **self._kwargs)
+        p = ServerProtocol(**self._kwargs)
         p.factory = self
         return p
 

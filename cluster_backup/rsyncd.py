@@ -37,7 +37,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.procutils import which
 
 log = Logger()
@@ -178,7 +178,10 @@ def render_config(
         f"port = {port}",
         f"pid file = {state}/rsyncd.pid",
         f"lock file = {state}/rsyncd.lock",
-        f"log file = {state}/rsyncd.log",
+        # Its lines go to its stderr, a pipe RsyncDaemon reads, and from
+        # there to the server's log (the journal): no file that grows.  It is
+        # opened before any chroot, so chrooted connections log there too.
+        "log file = /dev/stderr",
         "reverse lookup = no",
         "forward lookup = no",
     ]
@@ -208,6 +211,92 @@ def render_config(
             f"    timeout = {timeout}",
         ]
     return "\n".join(lines) + "\n"
+
+
+#: The prefix of a line rsync writes to its log file: date, time, [pid].
+_LOG_PREFIX = re.compile(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d \[(\d+)\] ")
+#: The level of a daemon's log line, by its text (rsync 3.x wording): the
+#: first that matches, else info.
+_LINE_LEVELS = (
+    # Every connection writes these: debug, or they would flood the log.
+    # First, since they carry a client's words (a path may say "error").
+    (LogLevel.debug, re.compile(
+        r"^(connect from |rsync allowed access |rsync on |building file list$|"
+        r"sent \d+ bytes  received \d+ bytes|name lookup failed)")),
+    # The daemon cannot serve at all.
+    (LogLevel.error, re.compile(
+        r"bind\(\) failed|unable to bind|pid file|failed to parse config|"
+        r"unknown parameter|socket\(\) failed|chroot|setuid|setgid", re.I)),
+    # A client refused, or a transfer that failed: worth an operator's eye.
+    (LogLevel.warn, re.compile(
+        r"^(auth failed|unknown module|@error|rsync error|rsync: |max connections)|"
+        r"refuse|denied|error", re.I)),
+)
+
+
+def daemon_line_level(text: str) -> LogLevel:
+    """The log level of the daemon's line C{text} (its prefix removed)."""
+    words = re.sub(r'"[^"]*"', '""', text)  # rsync quotes file names: not its words
+    for level, pattern in _LINE_LEVELS:
+        if pattern.search(words):
+            return level
+    return LogLevel.info
+
+
+#: Lines every connection writes that say nothing the transfer line does not.
+_CHATTER = re.compile(r"^(connect from |rsync allowed access |building file list$|"
+                      r"name lookup failed)")
+_TRANSFER = re.compile(r"^rsync on ")
+_TOTALS = re.compile(r"^sent \d+ bytes  received \d+ bytes")
+
+
+class DaemonLog:
+    """
+    Sends the rsync daemon's log lines (C{log file = /dev/stderr}: its
+    stderr, read by L{RsyncDaemon}) to the server's log, without rsync's
+    date and pid (the pid is the event's C{rsync_pid}), each at its
+    L{daemon_line_level}.
+
+    A connection's chatter is not logged: each transfer makes one debug
+    line (C{rsync on MODULE/PATH from USER@HOST (ADDRESS)} with its byte
+    totals), and a warning or error of that connection names its transfer.
+    A line rsync wrote both to stderr and to its log is logged once.
+    """
+
+    #: Transfers remembered until their totals line (a killed connection
+    #: never writes one): the oldest are forgotten beyond this.
+    MAX_OPEN = 256
+
+    def __init__(self, logger: Logger = log) -> None:
+        self._log = logger
+        self._last_bare: Optional[str] = None
+        self._open: dict[int, str] = {}
+
+    def line(self, raw: bytes) -> None:
+        text = raw.decode("utf-8", "replace").rstrip("\r")
+        pid = None
+        prefixed = _LOG_PREFIX.match(text)
+        if prefixed:
+            pid, text = int(prefixed.group(1)), text[prefixed.end():]
+            if text == self._last_bare:  # logged already, as rsync wrote it to stderr
+                self._last_bare = None
+                return
+        else:
+            self._last_bare = text
+        if not text.strip() or _CHATTER.match(text):
+            return
+        if pid is not None and _TRANSFER.match(text):
+            self._open[pid] = text
+            while len(self._open) > self.MAX_OPEN:
+                del self._open[next(iter(self._open))]
+            return
+        transfer = self._open.pop(pid, None) if _TOTALS.match(text) else self._open.get(pid)
+        level = daemon_line_level(text)
+        if transfer is not None:
+            self._log.emit(level, "rsync daemon: {transfer}: {line}", transfer=transfer,
+                           line=text, rsync_pid=pid)
+        else:
+            self._log.emit(level, "rsync daemon: {line}", line=text, rsync_pid=pid)
 
 
 def _write_private(path: str, data: bytes) -> None:
@@ -281,25 +370,20 @@ class RsyncDaemon(Service):
         self._address = address
         self._port = port
         self._user = user
-        self._modules: dict[str, str] = {}
-        for path in sources:
-            name = module_name(path)
-            if self._modules.setdefault(name, path) != path:
-                raise ValueError(f"sources {path!r} and {self._modules[name]!r} clash")
-        self._passwords = {m: password_for(secret, host, m) for m in self._modules}
+        self._host = host
         root = os.geteuid() == 0
         if chroot is None:
             chroot = root
         elif chroot and not root:
             raise ValueError("use chroot needs the daemon to run as root")
-        self._config = render_config(
-            state_dir, address, port, self._modules, user,
+        self._render = dict(
             chroot=chroot,
             uid=os.getuid() if root else None,
             gid=os.getgid() if root else None,
             max_connections=max_connections,
             timeout=timeout,
         )
+        self._configure(sources, secret)
         if rsync is None:
             found = which("rsync")
             if not found:
@@ -314,6 +398,31 @@ class RsyncDaemon(Service):
         self._restart_call = None
         self._kill_call = None
         self._gone: list[Deferred] = []
+
+    def _configure(self, sources: Iterable[str], secret: Optional[bytes]) -> None:
+        """The modules, passwords and config text for C{sources} and C{secret}."""
+        modules: dict[str, str] = {}
+        for path in sources:
+            name = module_name(path)
+            if modules.setdefault(name, path) != path:
+                raise ValueError(f"sources {path!r} and {modules[name]!r} clash")
+        old = getattr(self, "_passwords", {})
+        self._config = render_config(
+            self._state_dir, self._address, self._port, modules, self._user, **self._render)
+        self._modules = modules
+        # Without a secret a module's random password lasts as long as we do.
+        self._passwords = {m: (old[m] if secret is None and m in old
+                               else password_for(secret, self._host, m)) for m in modules}
+
+    def reconfigure(self, sources: Iterable[str], secret: Optional[bytes]) -> None:
+        """
+        Serve C{sources} with C{secret}'s passwords from now on (a reloaded
+        config).  rsync reads its config again for every connection, so the
+        running daemon serves the new modules without a restart.
+        """
+        self._configure(sources, secret)
+        if self.running:
+            self._write_files()
 
     @property
     def config_path(self) -> str:
@@ -333,11 +442,15 @@ class RsyncDaemon(Service):
         Service.startService(self)
         os.makedirs(self._state_dir, mode=0o700, exist_ok=True)
         os.chmod(self._state_dir, 0o700)
+        self._write_files()
+        self._spawn()
+
+    def _write_files(self) -> None:
+        """The secrets file of every module, then the config naming them."""
         for module, password in self._passwords.items():
             secret_line = f"{self._user}:{password}\n".encode("ascii")
             _write_private(secrets_path(self._state_dir, module), secret_line)
         _write_private(self.config_path, os.fsencode(self._config))
-        self._spawn()
 
     def _spawn(self) -> None:
         self._restart_call = None
@@ -355,8 +468,12 @@ class RsyncDaemon(Service):
         log.info("rsync daemon started on {address}:{port} (pid {pid})",
                  address=self._address, port=self._port, pid=self._process.pid)
 
+    _daemon_log: Optional["DaemonLog"] = None
+
     def _output(self, line: bytes) -> None:
-        log.warn("rsync daemon: {line}", line=line.decode("utf-8", "replace"))
+        if self._daemon_log is None:
+            self._daemon_log = DaemonLog()
+        self._daemon_log.line(line)
 
     def _ended(self, status) -> None:
         self._process = None
@@ -374,9 +491,8 @@ class RsyncDaemon(Service):
             self._backoff = self._min_backoff
         delay = self._backoff
         self._backoff = min(self._backoff * 2, self._max_backoff)
-        log.warn("rsync daemon exited ({status}), see {logfile}; restarting in {delay} s",
-                 status=status, delay=delay,
-                 logfile=os.path.join(self._state_dir, "rsyncd.log"))
+        log.warn("rsync daemon exited ({status}; its last lines are logged above); "
+                 "restarting in {delay} s", status=status, delay=delay)
         self._restart_call = self._reactor.callLater(delay, self._spawn)
 
     def stopService(self) -> Deferred:

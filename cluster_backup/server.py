@@ -12,21 +12,24 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import signal
 import time
 from typing import Callable, Optional
 
 from twisted.application.internet import TimerService
-from twisted.application.service import MultiService, Service
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from cluster_backup import accepted as accepted_state
-from cluster_backup.config import Cluster, Source, read_secret
+from cluster_backup.config import Cluster, ConfigError, Source, read_secret
 from cluster_backup.held import describe
+from cluster_backup.identity import listen_address
 from cluster_backup.ledger import Ledger
+from cluster_backup.lifecycle import Fatal, Guarded, port_free, private_dir
 from cluster_backup.responder import ServerFactory
 from cluster_backup.rsyncd import RsyncDaemon
 from cluster_backup.scanner import ScanError, scan
@@ -43,6 +46,8 @@ HEARTBEAT = 1.0
 #: without a claim on one (clients renew claims every interval).  Only a
 #: store whose room is less than it reported ever leaves this to the timer.
 STUCK_INTERVALS = 10
+#: Where the servers' state dirs live by default, one per host (L{default_state_dir}).
+STATE_ROOT = "/var/lib/cluster-backup/server"
 
 
 class SourceScanner(Service):
@@ -120,6 +125,18 @@ class SourceScanner(Service):
                 "previous state. If the change is right: cbackup accept -c CONFIG "
                 "--source {source}", source=self.source.id, change=describe(held))
 
+    def configure(self, source: Source, interval: float, skip: list[str]) -> None:
+        """
+        A reloaded config: the source's excludes and folders to skip apply
+        from the next scan, the new interval from the next wait.
+        """
+        self.source = source
+        self.skip = skip
+        self._timer.step = interval
+        loop = getattr(self._timer, "_loop", None)
+        if loop is not None:
+            loop.interval = interval
+
     def accept(self) -> Optional[dict]:
         """The operator accepts the held scan (see L{Ledger.accept})."""
         applied = self.ledger.accept()
@@ -170,15 +187,16 @@ class Saver:
 class Listener(Service):
     """
     The AMP listener.  Failing to listen (port taken, address not ours) is
-    fatal: logged plainly and the reactor stopped, rather than a server that
-    runs but can never be reached.
+    fatal (L{Fatal}): a server that runs but can never be reached would
+    only look healthy.
     """
 
-    def __init__(self, endpoint, factory, reactor, where: str):
+    def __init__(self, endpoint, factory, reactor, where: str, fatal: Fatal):
         self.endpoint = endpoint
         self.factory = factory
         self.reactor = reactor
         self.where = where
+        self.fatal = fatal
         self.port = None
         self.setName("AMP listener")
 
@@ -192,10 +210,7 @@ class Listener(Service):
         log.info("listening for backup clients on {where}", where=self.where)
 
     def _failed(self, failure) -> None:
-        log.critical("cannot listen on {where}: {why}; stopping", where=self.where,
-                     why=failure.getErrorMessage())
-        if self.reactor.running:
-            self.reactor.stop()
+        self.fatal(f"cannot listen on {self.where}: {failure.getErrorMessage()}")
 
     def stopService(self):
         Service.stopService(self)
@@ -252,21 +267,6 @@ def reap_stale_daemon(state_dir: str, grace: float = 5.0) -> Optional[int]:
     return pid
 
 
-class StaleDaemonReaper(Service):
-    """Runs L{reap_stale_daemon} at start, before the rsync daemon is spawned."""
-
-    def __init__(self, state_dir: str):
-        self.state_dir = state_dir
-        self.setName("stale rsync daemon reaper")
-
-    def startService(self) -> None:
-        Service.startService(self)
-        try:
-            reap_stale_daemon(self.state_dir)
-        except Exception:
-            log.failure("looking for a stale rsync daemon")
-
-
 class Heartbeat(TimerService):
     """
     Tells every ledger the server runs, every L{HEARTBEAT} seconds, so that
@@ -288,10 +288,10 @@ class Heartbeat(TimerService):
             except Exception:
                 log.failure("heartbeat of {source}", source=source)
                 continue
-            if deaf > self.deaf[source]:
+            if deaf > self.deaf.get(source, 0.0):
                 log.warn("{source}: the server was not running for {seconds:.1f}s; "
                          "leases and claims extended by that", source=source,
-                         seconds=deaf - self.deaf[source])
+                         seconds=deaf - self.deaf.get(source, 0.0))
                 self.deaf[source] = deaf
 
 
@@ -314,7 +314,7 @@ class SafemodeWatch(TimerService):
             except Exception:
                 log.failure("safemode check of {source}", source=source)
                 continue
-            if now != self.last[source]:
+            if now != self.last.get(source):
                 log.info("{source}: safemode {state}", source=source,
                          state="on (waiting for stores to report)" if now else "off")
                 self.last[source] = now
@@ -324,11 +324,11 @@ class SafemodeWatch(TimerService):
         for st in ledger.store_status():
             if st.state == "dead":
                 dead.add(st.store)
-            if ledger.deaths[st.store] > self.deaths[source].get(st.store, 0):
+            if ledger.deaths[st.store] > self.deaths.get(source, {}).get(st.store, 0):
                 log.warn("{source}: store {store} is dead (silent {age:.0f}s); its copies "
                          "no longer count", source=source, store=st.store,
                          age=st.last_report_age or 0)
-            elif st.store in self.dead[source] and st.state != "dead":
+            elif st.store in self.dead.get(source, ()) and st.state != "dead":
                 log.info("{source}: store {store} is back", source=source, store=st.store)
         self.deaths[source] = dict(ledger.deaths)
         self.dead[source] = dead
@@ -359,72 +359,198 @@ class TrafficLog(TimerService):
 
 def _listen_endpoint(reactor, address: Optional[str], port: int):
     if address and ":" in address:
-        return TCP6ServerEndpoint(reactor, port, interface=address.strip("[]"))
+        return TCP6ServerEndpoint(reactor, port, interface=address)
     return TCP4ServerEndpoint(reactor, port, interface=address or "")
 
 
-def _bind_address(cluster: Cluster, host: str) -> Optional[str]:
-    """The host's C{address:} when given; else None (all interfaces)."""
-    address = cluster.address_of(host)
-    return None if address == host else address
+def default_state_dir(host: str) -> str:
+    """
+    The state dir of C{host}'s server when C{--state-dir} is not given: one
+    per host, so two servers on one machine (two hosts of one config, a
+    test, a container) never share their rsync daemon's files.
+    """
+    slug = re.sub(r"[^A-Za-z0-9._-]", "_", host).lstrip(".") or "_"
+    return os.path.join(STATE_ROOT, slug)
 
 
-def build(cluster: Cluster, host: str, state_dir: str, reactor) -> MultiService:
+class Server(Guarded):
     """
-    The service tree of C{cbackup-server} for C{host}: per source a ledger
-    and a scanner, the rsync daemon, the AMP listener and the safemode
-    watch.  Raises L{ConfigError} for an unreadable C{SECRET FILE}.
+    The service tree of C{cbackup-server} for one host: per source a
+    ledger and a scanner, the rsync daemon, the AMP listener and the
+    watches.  Nothing is scanned, spawned or bound until it starts, and
+    then only once its checks pass (L{Guarded}): the state dir is private
+    and writable, and both ports can be bound on the host's address.
+
+    L{reload} applies a new config to the running tree: sources and the
+    stores backing them up come and go, options and the secret change,
+    and every ledger that stays keeps its scan, its copies and its leases.
     """
-    options = cluster.options
-    secret = read_secret(cluster)
-    top = MultiService()
-    sources = cluster.sources_on(host)
-    ledgers: dict[str, Ledger] = {}
-    scanners: dict[str, SourceScanner] = {}
-    baseline = accepted_state.load(state_dir)
-    saving = Saver(state_dir, ledgers, reactor)
-    for source in sources:
+
+    def __init__(self, cluster: Cluster, host: str, state_dir: str, reactor,
+                 fatal: Optional[Fatal] = None):
+        self.fatal = fatal or Fatal(reactor, "cbackup-server")
+        super().__init__([], self.fatal)
+        self.host = host
+        self.state_dir = state_dir
+        self.reactor = reactor
+        self.cluster = cluster
+        options = cluster.options
+        self.bind, problem = listen_address(cluster, host)
+        if problem:
+            raise ConfigError([f"{cluster.filename}: {problem}"])
+        self.secret = read_secret(cluster)
+        self.ledgers: dict[str, Ledger] = {}
+        self.scanners: dict[str, SourceScanner] = {}
+        self.paths: dict[str, str] = {}
+        self.backs: dict[str, set[str]] = {}
+        self.store_hosts: dict[str, str] = {}
+        self.baseline = accepted_state.load(state_dir)
+        self.saving = Saver(state_dir, self.ledgers, reactor)
+        rsync_dir = os.path.join(state_dir, "rsyncd")
+        self.checks = [lambda: private_dir(state_dir),
+                       lambda: reap_stale_daemon(rsync_dir) and None,
+                       lambda: port_free(self.bind, options.port, "PORT"),
+                       lambda: port_free(self.bind, options.rsync_port, "RSYNC PORT")]
+        sources = cluster.sources_on(host)
+        for source in sources:
+            self._add_source(cluster, source)
+        self._set_stores(cluster)
+        self.daemon = RsyncDaemon(
+            reactor, rsync_dir, self.bind or "0.0.0.0", options.rsync_port,
+            [s.path for s in sources], host, secret=self.secret)
+        self.daemon.setName("rsync daemon")
+        self.daemon.setServiceParent(self)
+        reach = cluster.address_of(host)
+
+        def rsync_endpoint(source_id: str):
+            _, port, module, user, password = self.daemon.endpoint(self.paths[source_id])
+            return (reach, port, module, user, password)
+
+        self.factory = ServerFactory(
+            self.ledgers, self.store_hosts, self.secret, host, rsync_endpoint, reactor,
+            serves=lambda store, source: store in self.backs.get(source, ()),
+            accept=lambda source: self.scanners[source].accept())
+        where = f"{self.bind or '*'}:{options.port}"
+        listener = Listener(_listen_endpoint(reactor, self.bind, options.port), self.factory,
+                            reactor, where, self.fatal)
+        listener.setServiceParent(self)
+        Heartbeat(self.ledgers, reactor).setServiceParent(self)
+        SafemodeWatch(self.ledgers, reactor).setServiceParent(self)
+        TrafficLog(self.factory, min(60.0, max(WATCH_INTERVAL, options.report_interval)),
+                   reactor).setServiceParent(self)
+
+    def _ledger_options(self, cluster: Cluster, source: Source) -> dict:
+        options = cluster.options
+        return dict(report_interval=options.report_interval, dead_after=options.dead_after,
+                    stuck_after=STUCK_INTERVALS * options.report_interval,
+                    max_change=(source.max_change if source.max_change is not None
+                                else options.max_change))
+
+    def _add_source(self, cluster: Cluster, source: Source) -> None:
         stores = {store.id: store.host for store in cluster.stores_for(source)}
-        ledgers[source.id] = Ledger(
-            source.id, source.copies, reactor, stores,
-            report_interval=options.report_interval, dead_after=options.dead_after,
-            heartbeat=HEARTBEAT, accepted=baseline.get(source.id),
-            stuck_after=STUCK_INTERVALS * options.report_interval,
-            max_change=(source.max_change if source.max_change is not None
-                        else options.max_change))
-        # Stores of this host inside the source are never scanned as data.
-        skip = [store.path for store in cluster.stores_on(host)]
-        scanners[source.id] = SourceScanner(
-            source, ledgers[source.id], source.rescan or options.rescan, skip, reactor,
-            saved=saving.save)
-        scanners[source.id].setServiceParent(top)
-    bind = _bind_address(cluster, host)
-    StaleDaemonReaper(os.path.join(state_dir, "rsyncd")).setServiceParent(top)
-    daemon = RsyncDaemon(
-        reactor, os.path.join(state_dir, "rsyncd"), bind or "0.0.0.0",
-        options.rsync_port, [s.path for s in sources], host, secret=secret)
-    daemon.setName("rsync daemon")
-    daemon.setServiceParent(top)
-    reach = cluster.address_of(host)
-    paths = {s.id: s.path for s in sources}
+        self.ledgers[source.id] = Ledger(
+            source.id, source.copies, self.reactor, stores, heartbeat=HEARTBEAT,
+            accepted=self.baseline.get(source.id), **self._ledger_options(cluster, source))
+        self.paths[source.id] = source.path
+        scanner = SourceScanner(
+            source, self.ledgers[source.id], source.rescan or cluster.options.rescan,
+            self._skip(cluster), self.reactor, saved=self.saving.save)
+        self.scanners[source.id] = scanner
+        scanner.setServiceParent(self)
 
-    def rsync_endpoint(source_id: str):
-        _, port, module, user, password = daemon.endpoint(paths[source_id])
-        return (reach, port, module, user, password)
+    def _skip(self, cluster: Cluster) -> list[str]:
+        """Stores of this host inside a source are never scanned as data."""
+        return [store.path for store in cluster.stores_on(self.host)]
 
-    backs = {s.id: {store.id for store in cluster.stores_for(s)} for s in sources}
-    factory = ServerFactory(
-        ledgers, {store.id: store.host for store in cluster.stores}, secret, host,
-        rsync_endpoint, reactor, serves=lambda store, source: store in backs.get(source, ()),
-        accept=lambda source: scanners[source].accept())
-    listener = Listener(_listen_endpoint(reactor, bind, options.port), factory, reactor,
-                        f"{bind or '*'}:{options.port}")
-    listener.setServiceParent(top)
-    Heartbeat(ledgers, reactor).setServiceParent(top)
-    SafemodeWatch(ledgers, reactor).setServiceParent(top)
-    TrafficLog(factory, min(60.0, max(WATCH_INTERVAL, options.report_interval)),
-               reactor).setServiceParent(top)
-    top.ledgers = ledgers
-    top.factory = factory
-    top.daemon = daemon
-    return top
+    def _set_stores(self, cluster: Cluster) -> None:
+        """Which stores back up which source, and their hosts (for the factory)."""
+        self.store_hosts.clear()
+        self.store_hosts.update({store.id: store.host for store in cluster.stores})
+        self.backs.clear()
+        for source in cluster.sources_on(self.host):
+            self.backs[source.id] = {store.id for store in cluster.stores_for(source)}
+
+    # --- reload ------------------------------------------------------------
+
+    def fixed(self, cluster: Cluster) -> Optional[str]:
+        """Why C{cluster} cannot be applied live, or None."""
+        old = self.cluster.options
+        new = cluster.options
+        if self.host not in cluster.hosts():
+            return f"host {self.host} is not in the new config"
+        if not cluster.sources_on(self.host):
+            return f"host {self.host} has no sources in the new config (stop the server instead)"
+        for name, a, b in (("PORT", old.port, new.port),
+                           ("RSYNC PORT", old.rsync_port, new.rsync_port)):
+            if a != b:
+                return f"{name} changed from {a} to {b}; restart the server to apply it"
+        bind, problem = listen_address(cluster, self.host)
+        if problem:
+            return problem
+        if bind != self.bind:
+            return (f"the listening address changed from {self.bind or '*'} to {bind or '*'}; "
+                    "restart the server to apply it")
+        return None
+
+    def reload(self, cluster: Cluster) -> Optional[str]:
+        """
+        Apply C{cluster} (a new config) to the running server; returns why
+        not, or None once applied.  What cannot change live (the ports, the
+        listening address, this host) is refused and the old config stays.
+        """
+        problem = self.fixed(cluster)
+        if problem:
+            return problem
+        try:
+            secret = read_secret(cluster)
+        except ConfigError as e:
+            return str(e)
+        old = {s.id: s for s in self.cluster.sources_on(self.host)}
+        new = {s.id: s for s in cluster.sources_on(self.host)}
+        self.daemon.reconfigure([s.path for s in new.values()], secret)
+        for source_id in old.keys() - new.keys():
+            scanner = self.scanners.pop(source_id)
+            scanner.disownServiceParent()
+            del self.ledgers[source_id], self.paths[source_id]
+            log.info("{source}: no longer in the config; its ledger is dropped",
+                     source=source_id)
+        for source_id in new.keys() & old.keys():
+            self._update_source(cluster, new[source_id])
+        for source_id in new.keys() - old.keys():
+            self._add_source(cluster, new[source_id])
+            log.info("{source}: new in the config; scanning it", source=source_id)
+        self._set_stores(cluster)
+        self.secret = secret
+        self.factory.configure(secret=secret)
+        self.cluster = cluster
+        return None
+
+    def _update_source(self, cluster: Cluster, source: Source) -> None:
+        """A source in both configs: its stores, copies and options, in place."""
+        ledger = self.ledgers[source.id]
+        wanted = {store.id: store.host for store in cluster.stores_for(source)}
+        had = {st.store for st in ledger.store_status()}
+        for store_id in had - wanted.keys():
+            ledger.remove_store(store_id)
+            log.warn("{source}: store {store} no longer backs it up; its copies no "
+                     "longer count", source=source.id, store=store_id)
+        for store_id in sorted(wanted.keys() - had):
+            ledger.add_store(store_id, wanted[store_id])
+            log.info("{source}: new store {store}", source=source.id, store=store_id)
+        if ledger.copies != source.copies:
+            log.info("{source}: copies {old} -> {new}", source=source.id,
+                     old=ledger.copies, new=source.copies)
+            ledger.set_copies(source.copies)
+        ledger.configure(**self._ledger_options(cluster, source))
+        self.scanners[source.id].configure(
+            source, source.rescan or cluster.options.rescan, self._skip(cluster))
+
+
+def build(cluster: Cluster, host: str, state_dir: str, reactor,
+          fatal: Optional[Fatal] = None) -> Server:
+    """
+    The service tree of C{cbackup-server} for C{host} (L{Server}).  Raises
+    L{ConfigError} for an unreadable C{SECRET FILE} or an address this
+    host cannot listen on.
+    """
+    return Server(cluster, host, state_dir, reactor, fatal)

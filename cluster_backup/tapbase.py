@@ -9,10 +9,13 @@ C{FILE:LINE} message and no traceback.
 
 from __future__ import annotations
 
+from twisted.logger import Logger
 from twisted.python import usage
 
 from cluster_backup.config import Cluster, ConfigError, load
 from cluster_backup.identity import identify
+
+log = Logger()
 
 
 class ClusterOptions(usage.Options):
@@ -46,3 +49,41 @@ class ClusterOptions(usage.Options):
 
     def check_role(self, cluster: Cluster, host: str) -> None:
         """Refuse a host that has nothing to do in this role."""
+
+
+def reload_config(path: str, host: str, daemon, what: str) -> bool:
+    """
+    Read the config at C{path} again and hand it to C{daemon.reload}
+    (which returns why it cannot apply it, or None).  A config that does
+    not load, or that the daemon refuses, is logged with its reasons and
+    changes nothing: the old config stays.
+    """
+    try:
+        cluster = load(path)
+    except ConfigError as e:
+        log.error("{what}: reload refused, the old config stays: {path} has "
+                  "problems:\n{problems}", what=what, path=path,
+                  problems="\n".join(e.problems))
+        return False
+    try:
+        problem = daemon.reload(cluster)
+    except Exception:
+        log.failure("{what}: reload of {path} failed", what=what, path=path)
+        return False
+    if problem:
+        log.error("{what}: reload refused, the old config stays: {problem}",
+                  what=what, problem=problem)
+        return False
+    log.info("{what}: reloaded {path}", what=what, path=path)
+    return True
+
+
+def reload_on_sighup(reactor, path: str, host: str, daemon, what: str) -> None:
+    """SIGHUP: L{reload_config}, logged either way."""
+    from cluster_backup.lifecycle import on_sighup
+
+    def reload():
+        log.info("{what}: SIGHUP: reloading {path}", what=what, path=path)
+        reload_config(path, host, daemon, what)
+
+    on_sighup(reactor, reload)

@@ -118,6 +118,25 @@ class LocalCluster:
         self.du_races = 0  # samples du counted a moving file twice in (see sample)
         self._sampler: Optional[task.LoopingCall] = None
 
+    @classmethod
+    def written(cls, base: str, config: str, sources: list[dict],
+                stores: list[dict]) -> "LocalCluster":
+        """
+        The checks of a cluster whose config and sources a test wrote itself
+        (as users write it): C{sources} with C{host}, C{path}, C{copies};
+        C{stores} with C{host}, C{path}, C{name}, C{size_bytes}.  Its
+        processes are the test's to start (append them to C{processes}).
+        """
+        self = cls.__new__(cls)
+        self.base, self.config, self.sources, self.stores = base, config, sources, stores
+        self.processes = []
+        self.samples = 0
+        self.max_used = defaultdict(int)
+        self.violations = []
+        self.du_races = 0
+        self._sampler = None
+        return self
+
     # --- processes --------------------------------------------------------
 
     def start(self, servers: Optional[list[str]] = None):
@@ -132,9 +151,13 @@ class LocalCluster:
         for host in sorted({st["host"] for st in self.stores}):
             self.processes.append(
                 Twistd("cbackup-client", self.config, host, self.base).start())
+        self.start_sampling()
+        return gatherResults(waits, consumeErrors=True)
+
+    def start_sampling(self) -> None:
+        """Sample every store's usage twice a second (L{sample}) until L{stop}."""
         self._sampler = task.LoopingCall(self.sample)
         self._sampler.start(0.5)
-        return gatherResults(waits, consumeErrors=True)
 
     def start_server(self, host: str):
         """Start the server of C{host}; returns a Deferred that fires once it listens."""
