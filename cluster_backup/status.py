@@ -101,6 +101,9 @@ def describe_error(reason: BaseException | Failure, timeout: float) -> str:
         return "the server closed the connection"
     if isinstance(e, net_error.ConnectError):
         return f"cannot connect: {e.osError or e}"
+    if isinstance(e, (amp.TooLong, amp.IncompatibleVersions, amp.UnhandledCommand)):
+        return (f"what answered on that port does not speak this version of the "
+                f"cluster-backup protocol ({type(e).__name__}: is PORT right?)")
     if isinstance(e, amp.RemoteAmpError):
         return f"the server refused: {e.description}"
     return f"{type(e).__name__}: {e}"
@@ -456,8 +459,9 @@ def _source_text(v: SourceView) -> list[str]:
                      "(more than MAX CHANGE); the backups keep the previous state")
         lines.append(f"    if the change is right: cbackup accept -c CONFIG --source {v.source}")
     if s.safemode:
-        lines.append("  safemode: the server restarted and waits for stores to "
-                     "report; no new copies until then")
+        lines.append("  safemode: the server waits for its stores to report what they "
+                     "hold (after a restart, or a reload that added this source: reload "
+                     "the clients too); no new copies until then")
     if s.files:
         rows = [["copies", "files", "bytes", ""]]
         for c, files, size, m, wanted in histogram_rows(s):

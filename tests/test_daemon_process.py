@@ -104,6 +104,17 @@ class FatalStartTests(TestCase):
         self.assertNotEqual(code, 0, log)
         self.assertIn(f"state dir {self.state}", log)
 
+    def test_client_store_unusable(self):
+        """The client too: a store it cannot use ends it, non-zero, saying which."""
+        with open(os.path.join(self.base, "store"), "w") as f:
+            f.write("a file where the store's folder should be")
+        client = Twistd("cbackup-client", self.config, "st", self.base).start()
+        self.addCleanup(client.stop)
+        _wait_exit(client, 10)
+        self.assertNotEqual(client.popen.returncode, 0)
+        self.assertIn(os.path.join(self.base, "store"), client.log())
+        self.assertNotIn("Traceback", client.log())
+
     def test_address_not_ours(self):
         with open(self.config, "a") as f:
             f.write("server: far:/srv\naddress: 192.0.2.7\n")

@@ -19,6 +19,7 @@ from twisted.internet import error as net_error
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -339,7 +340,7 @@ class TextTests(SynchronousTestCase):
         self.assertIn("1 of 2 servers answered", text)
         self.assertIn("server host2 (10.1.1.2:5005) UNREACHABLE: connection refused", text)
         self.assertIn("source host2:/other  wants 1 copy  ATTENTION: unreachable", text)
-        self.assertIn("safemode: the server restarted", text)
+        self.assertIn("safemode: the server waits for its stores to report", text)
         self.assertIn("ATTENTION: safemode", text)
         self.assertIn("2 of 2 sources need attention", text)
         self.assertIn("store files and bytes count only the sources of servers that "
@@ -381,6 +382,8 @@ class DescribeErrorTests(SynchronousTestCase):
             (AuthFailed("wrong MAC"), "authentication failed: wrong MAC"),
             (net_error.DNSLookupError("nowhere"), "cannot resolve"),
             (net_error.ConnectionDone(), "closed the connection"),
+            (amp.TooLong(True, False, b"k", None), "does not speak this version of the "
+             "cluster-backup protocol (TooLong: is PORT right?)"),
         ]
         for exc, want in cases:
             self.assertIn(want, status.describe_error(Failure(exc), 3))
