@@ -229,48 +229,46 @@ class Ledger:
         #: safemode because its owner was not running (see L{beat}).
         self.deaf_seconds = 0.0
 
-        # Stores, by index.
-        self._store_ids = list(stores)
-        self._index = {sid: s for s, sid in enumerate(self._store_ids)}
-        self._hosts = [stores[sid] for sid in self._store_ids]
-        host_numbers = {h: n for n, h in enumerate(sorted(set(self._hosts)))}
-        self._host_bit = [1 << host_numbers[h] for h in self._hosts]
+        # Stores, by index, each added by L{_join}.  A removed store keeps
+        # its index, retired (L{remove_store}): indexes never shift.
+        self._store_ids: list[str] = []
+        self._index: dict[str, int] = {}  # store id -> index, retired ones left out
+        self._retired: set[int] = set()
+        self._hosts: list[str] = []
+        # Host name -> its number, in order of appearance: a host keeps its
+        # number for the ledger's life (no rule depends on their order).
+        self._host_number: dict[str, int] = {}
+        self._host_bit: list[int] = []
         # For each store, the mask of every store on the same host.
-        self._same_host = [
-            sum(1 << t for t, h in enumerate(self._hosts) if h == host)
-            for host in self._hosts
-        ]
+        self._same_host: list[int] = []
         # Where each store's listings start in the id ring: an offset of its
         # own, moved to a new pseudo-random place by each of its claims.
-        self._resume = [
-            int.from_bytes(blake2b(sid.encode("utf-8", "surrogateescape"),
-                                   digest_size=8).digest(), "big")
-            for sid in self._store_ids
-        ]
-        self._offset = list(self._resume)  # surplus() always starts here
-        n = len(self._store_ids)
-        self._live = (1 << n) - 1  # stores not dead
-        self._last: list[Optional[float]] = [None] * n
+        self._resume: list[int] = []
+        self._offset: list[int] = []  # surplus() always starts here
+        self._live = 0  # stores not dead
+        self._last: list[Optional[float]] = []
         self._next_death = float("-inf")  # no store can die before this
-        self._used: list[Optional[int]] = [None] * n
-        self._quota: list[Optional[int]] = [None] * n
-        self._held_files = [0] * n
-        self._held_bytes = [0] * n
+        self._used: list[Optional[int]] = []
+        self._quota: list[Optional[int]] = []
+        self._held_files: list[int] = []
+        self._held_bytes: list[int] = []
         # file id -> {store: version it holds that is not current}
         self._stale: dict[int, dict[int, tuple[int, int]]] = {}
-        self._orphans: list[dict[bytes, tuple[int, int]]] = [{} for _ in range(n)]
+        self._orphans: list[dict[bytes, tuple[int, int]]] = []
         # Superseded versions each store keeps outside its layout (rule 7),
         # as records of the path at that version, whatever the source has
         # at that path now.
-        self._kept: list[dict[FileRecord, None]] = [{} for _ in range(n)]
-        self._pending: list[dict[bytes, tuple[int, int]]] = [{} for _ in range(n)]
-        self._tell_stale: list[dict[bytes, None]] = [{} for _ in range(n)]
-        self._tell_orphans: list[dict[bytes, None]] = [{} for _ in range(n)]
-        self._inventory: list[Optional[_Inventory]] = [None] * n
+        self._kept: list[dict[FileRecord, None]] = []
+        self._pending: list[dict[bytes, tuple[int, int]]] = []
+        self._tell_stale: list[dict[bytes, None]] = []
+        self._tell_orphans: list[dict[bytes, None]] = []
+        self._inventory: list[Optional[_Inventory]] = []
         self._inventoried: set[int] = set()
-        self._claimed: list[set[int]] = [set() for _ in range(n)]  # store -> files it claims
+        self._claimed: list[set[int]] = []  # store -> files it claims
         #: store id -> how many times it was declared dead.
-        self.deaths: dict[str, int] = dict.fromkeys(self._store_ids, 0)
+        self.deaths: dict[str, int] = {}
+        for sid in stores:
+            self._join(sid, stores[sid])
 
         # Files, by id.
         self._ids: dict[bytes, int] = {}
@@ -374,16 +372,14 @@ class Ledger:
                     # renews its lease while it fetches), and its claims
                     # would hide those files from every store until they
                     # expired.
-                    self._live &= ~bit
                     self.deaths[self._store_ids[s]] += 1
-                    self._drop_claims(s)
-                    self._recount_store(bit)
+                    self._kill(s)
                 else:
                     soonest = min(soonest, last + self._dead_after)
             self._next_death = soonest
         if self._safe and (
             now - self._created >= 5 * self._report_interval
-            or len(self._inventoried) == len(self._store_ids)
+            or len(self._inventoried) == len(self._index)
         ):
             self._safe = False
         return now
@@ -458,6 +454,146 @@ class Ledger:
                                 for room, host in rooms)
                 i = low.find(1, i + 1)
         return found
+
+    # -- stores and settings (a config reload) ----------------------------------
+
+    def _join(self, store: str, host: str) -> None:
+        """
+        Store C{store} on C{host} takes the next index: it holds nothing,
+        has never reported (a new store) and is live.  A new host gets the
+        next free host number.
+        """
+        s = len(self._store_ids)
+        bit = 1 << s
+        self._store_ids.append(store)
+        self._index[store] = s
+        self._hosts.append(host)
+        if host not in self._host_number:
+            self._host_number[host] = len(self._host_number)
+        self._host_bit.append(1 << self._host_number[host])
+        self._same_host.append(bit)
+        for t in range(s):
+            if self._hosts[t] == host and t not in self._retired:
+                self._same_host[t] |= bit
+                self._same_host[s] |= 1 << t
+        start = int.from_bytes(blake2b(store.encode("utf-8", "surrogateescape"),
+                                       digest_size=8).digest(), "big")
+        self._resume.append(start)
+        self._offset.append(start)
+        self._live |= bit
+        self._last.append(None)
+        self._used.append(None)
+        self._quota.append(None)
+        self._held_files.append(0)
+        self._held_bytes.append(0)
+        self._orphans.append({})
+        self._kept.append({})
+        self._pending.append({})
+        self._tell_stale.append({})
+        self._tell_orphans.append({})
+        self._inventory.append(None)
+        self._claimed.append(set())
+        self.deaths[store] = 0
+
+    def _kill(self, s: int) -> None:
+        """Store C{s} stops counting: its holdings and its claims (a death)."""
+        bit = 1 << s
+        self._live &= ~bit
+        self._drop_claims(s)
+        self._recount_store(bit)
+
+    def add_store(self, store: str, host: str) -> None:
+        """
+        A store on C{host} joins this source (a config reload): it holds
+        nothing and has never reported, just as a store configured from the
+        start, so it can report, list needs and claim at once.  Every other
+        store keeps its index, host, holdings, lease and claims.  While the
+        ledger is still in safemode it waits for this store's inventory too
+        (as a ledger built with it would); a ledger out of safemode stays
+        out.  An id already configured is a C{ValueError}.
+        """
+        if store in self._index:
+            raise ValueError(f"store {store!r} already backs up {self.source}")
+        self._join(store, host)
+        self._placeable = None
+
+    def remove_store(self, store: str) -> None:
+        """
+        C{store} no longer backs up this source (a config reload): its
+        copies stop counting at once, as at its death, and its claims end;
+        the ledger forgets what it held, kept and was told, and it leaves
+        status.  Files it alone held fall below their copies, and status
+        shows them so: the operator chose it.  Its index stays, retired,
+        so no other store's index (in every holder mask) has to move; a
+        later call naming it is refused as for an unknown store
+        (L{UnknownStore}), and a store added later under the same id is a
+        new store.
+        """
+        s = self._store(store)
+        self._tick()
+        bit = 1 << s
+        self._kill(s)
+        for i, m in enumerate(self._holders):
+            if m & bit:
+                self._holders[i] = self._intern(m & ~bit)
+        for i in [i for i, stale in self._stale.items() if s in stale]:
+            self._drop_stale(i, s)
+        self._held_files[s] = 0
+        self._held_bytes[s] = 0
+        self._last[s] = None
+        self._used[s] = None
+        self._quota[s] = None
+        self._orphans[s] = {}
+        self._kept[s] = {}
+        self._pending[s] = {}
+        self._tell_stale[s] = {}
+        self._tell_orphans[s] = {}
+        self._inventory[s] = None
+        self._inventoried.discard(s)
+        for t in range(len(self._same_host)):  # no mask names it any more
+            self._same_host[t] &= ~bit
+        self._retired.add(s)
+        del self._index[store]
+        del self.deaths[store]
+        self._placeable = None
+
+    def set_copies(self, copies: int) -> None:
+        """
+        Want C{copies} live copies of each file from now on (a config
+        reload).  Tiers count copies and do not depend on it; each file's
+        low mark does, and is worked out again (O(files)), so the ledger
+        answers as one built with C{copies} would.  One exception, on
+        purpose: when copies rise, greedy fill waits up to C{stuck_after}
+        from now for the files that became low, as after a start, rather
+        than find them stuck at once because nobody claimed them before.
+        """
+        if not isinstance(copies, int) or copies < 1:
+            raise ValueError(f"copies must be a positive integer, not {copies!r}")
+        now = self._tick()
+        raised = copies > self.copies
+        self.copies = copies
+        for i, path in enumerate(self._paths):
+            if path is not None:
+                self._recount(i)
+        self._placeable = None
+        if raised:
+            self._low_claimed = now
+
+    def configure(self, *, report_interval: float, dead_after: float,
+                  stuck_after: Optional[float], max_change: Optional[float]) -> None:
+        """
+        New settings (a config reload), as the constructor takes them; they
+        apply from now on.  A store already declared dead stays dead until
+        it reports, even if the new C{dead_after} is longer; a held scan
+        stays held until L{accept} or the next scan (which the new
+        C{max_change} measures).
+        """
+        self._report_interval = report_interval
+        self._dead_after = dead_after
+        self._next_death = float("-inf")  # deaths are due by the new dead_after
+        self._stuck_after = self._claim_ttl if stuck_after is None else stuck_after
+        self._max_change = max_change
+        self._placeable = None
 
     # -- counting -----------------------------------------------------------
 
@@ -1733,6 +1869,8 @@ class Ledger:
         now = self._tick()
         result = []
         for s, sid in enumerate(self._store_ids):
+            if s in self._retired:
+                continue
             last = self._last[s]
             if last is None:
                 state, age = "new", None
