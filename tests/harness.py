@@ -6,6 +6,7 @@ test's cleanup, with their logs kept for the failure message.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from typing import Optional
@@ -39,6 +40,19 @@ class Twistd(Process):
     def signal(self, sig: int) -> None:
         if self.running():
             self.popen.send_signal(sig)
+
+
+def proc_cmdlines() -> list[str]:
+    """The command line of every process on this machine, space-joined."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    found.append(f.read().replace(b"\0", b" ").decode(errors="replace"))
+            except OSError:
+                pass
+    return found
 
 
 def sleep(seconds: float) -> Deferred:

@@ -21,19 +21,7 @@ from cluster_backup.demo import MiB, can_connect, make_tree
 from cluster_backup.server import STATE_ROOT
 from tests import slow
 from tests.cluster_harness import LocalCluster, check_ground_truth, sleep, tree_bytes
-from tests.harness import Twistd, free_port, wait_for
-
-
-def _cmdlines() -> list[str]:
-    found = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    found.append(f.read().replace(b"\0", b" ").decode(errors="replace"))
-            except OSError:
-                pass
-    return found
+from tests.harness import Twistd, free_port, proc_cmdlines, wait_for
 
 
 def _wait_exit(process: Twistd, timeout: float) -> float:
@@ -79,7 +67,7 @@ class FatalStartTests(TestCase):
                         "--state-dir", self.state).start()
         self.addCleanup(server.stop)
         seconds = _wait_exit(server, 10)
-        self.assertEqual([c for c in _cmdlines() if self.state in c], [],
+        self.assertEqual([c for c in proc_cmdlines() if self.state in c], [],
                          "the server left its rsync daemon running")
         return server.popen.returncode, seconds, server.log()
 

@@ -17,7 +17,7 @@ from twisted.trial.unittest import TestCase
 from cluster_backup import protocol, session
 from cluster_backup.records import FileRecord
 from tests import slow
-from tests.harness import Twistd, free_port, wait_for
+from tests.harness import Twistd, free_port, proc_cmdlines, wait_for
 
 
 ADDRESS = "127.0.0.2"
@@ -25,18 +25,6 @@ SECRET = "integration-secret-4d1f"
 OUTSIDE = b"outside-bytes-that-must-never-be-served\n"
 
 
-
-
-def _proc_cmdlines() -> list[str]:
-    found = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    found.append(f.read().replace(b"\0", b" ").decode(errors="replace"))
-            except OSError:
-                pass
-    return found
 
 
 @slow
@@ -75,7 +63,7 @@ class ServerProcessTests(TestCase):
 
     def stop_server(self):
         code = self.server.stop()
-        leftovers = [c for c in _proc_cmdlines() if self.state in c]
+        leftovers = [c for c in proc_cmdlines() if self.state in c]
         self.assertEqual(leftovers, [], "rsync daemon outlived the server")
         self.assertIsNotNone(code)
 
