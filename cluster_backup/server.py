@@ -387,7 +387,7 @@ class Server(Guarded):
     """
 
     def __init__(self, cluster: Cluster, host: str, state_dir: str, reactor,
-                 fatal: Optional[Fatal] = None):
+                 fatal: Optional[Fatal] = None, legacy_state_dir: Optional[str] = None):
         self.fatal = fatal or Fatal(reactor, "cbackup-server")
         super().__init__([], self.fatal)
         self.host = host
@@ -405,6 +405,11 @@ class Server(Guarded):
         self.backs: dict[str, set[str]] = {}
         self.store_hosts: dict[str, str] = {}
         self.baseline = accepted_state.load(state_dir)
+        if not self.baseline and legacy_state_dir:
+            # A server upgraded from the time the default state dir was one
+            # for every host: its baselines (keyed by source id) still hold.
+            old = accepted_state.load(legacy_state_dir)
+            self.baseline = {s.id: old[s.id] for s in cluster.sources_on(host) if s.id in old}
         self.saving = Saver(state_dir, self.ledgers, reactor)
         rsync_dir = os.path.join(state_dir, "rsyncd")
         self.checks = [lambda: private_dir(state_dir),
@@ -547,10 +552,11 @@ class Server(Guarded):
 
 
 def build(cluster: Cluster, host: str, state_dir: str, reactor,
-          fatal: Optional[Fatal] = None) -> Server:
+          fatal: Optional[Fatal] = None, legacy_state_dir: Optional[str] = None) -> Server:
     """
     The service tree of C{cbackup-server} for C{host} (L{Server}).  Raises
     L{ConfigError} for an unreadable C{SECRET FILE} or an address this
-    host cannot listen on.
+    host cannot listen on.  C{legacy_state_dir}: where an older server kept
+    its state (read only for the accepted scans, when C{state_dir} has none).
     """
-    return Server(cluster, host, state_dir, reactor, fatal)
+    return Server(cluster, host, state_dir, reactor, fatal, legacy_state_dir)

@@ -41,13 +41,14 @@ def makeService(options: Options) -> IService:
 
     from cluster_backup.config import ConfigError
     from cluster_backup.lifecycle import Fatal, exit_process
-    from cluster_backup.server import build, default_state_dir
+    from cluster_backup.server import STATE_ROOT, build, default_state_dir
 
     host = options["host"]
     state_dir = options["state-dir"] or default_state_dir(host)
     try:
         server = build(options["cluster"], host, state_dir, reactor,
-                       Fatal(reactor, "cbackup-server", exit_process))
+                       Fatal(reactor, "cbackup-server", exit_process),
+                       legacy_state_dir=None if options["state-dir"] else STATE_ROOT)
     except (ConfigError, ValueError) as e:
         raise SystemExit(f"cbackup-server: {e}")
     reload_on_sighup(reactor, options["config"], host, server, "cbackup-server")

@@ -134,3 +134,19 @@ class ClientReloadTests(Daemons):
         self.assertIn("has no stores in the new config",
                       client.reload(self.config(stores=())))
         self.assertEqual(client.agents, [agent])
+
+
+class LegacyStateDirTests(Daemons):
+    """An upgraded server finds the accepted scans the shared default dir kept."""
+
+    def test_baseline_read_from_the_old_dir(self):
+        from cluster_backup import accepted
+        old = os.path.join(self.base, "old-root")
+        os.makedirs(old)
+        accepted.save(old, {self.source("a"): (200, 5000), "other:/x": (1, 1)})
+        server = Server(self.config(), "h1", os.path.join(self.base, "new"),
+                        MemoryReactorClock(), legacy_state_dir=old)
+        self.assertEqual(server.baseline, {self.source("a"): (200, 5000)})
+        fresh = Server(self.config(), "h1", os.path.join(self.base, "new"),
+                       MemoryReactorClock())
+        self.assertEqual(fresh.baseline, {})
