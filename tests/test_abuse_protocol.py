@@ -208,9 +208,15 @@ class ProtocolAbuseTests(SynchronousTestCase):
             if not authenticated:
                 self.assertIn(name, protocol.OPEN_COMMANDS, f"{box!r:.300} -> {answer!r:.300}")
             else:
-                # Only what cannot change the ledger may succeed here.
+                # Only what cannot change the ledger may succeed here.  Accept
+                # changes it only when a scan is held (none is here: it answers
+                # applied False); any peer with the secret may accept, as
+                # `cbackup accept` does.  assert_still_serving checks the ledger.
                 self.assertIn(name, (b"hello", b"list-needs", b"list-surplus", b"status",
-                                     b"authenticate"), f"{box!r:.300} -> {answer!r:.300}")
+                                     b"authenticate", b"accept"),
+                              f"{box!r:.300} -> {answer!r:.300}")
+                if name == b"accept":
+                    self.assertEqual(answer.get(b"applied"), b"False", answer)
             self.stats["answered"] += 1
 
     def exchange(self, conn: RawAMP, box: dict, authenticated: bool) -> bool:
