@@ -337,7 +337,17 @@ class ServerFaultTests(TestCase):
         base_rate = sum(w["reports"] for w in baseline) / max(
             1e-9, sum(w["seconds"] for w in baseline)) / len(stores)
         self.assertTrue(rates, after_text[-3000:])
-        self.assertLessEqual(max(rates), 4.0 / report_interval)
+        # Counted, not as a rate per window: the window holding the fetches
+        # of the added files reached 3.8 to 4.8 reports per store-second
+        # (how fast depends on what else the machine runs).  Beyond one
+        # report per store and interval there may be one per copy of an
+        # added file fetched, no more (a backlog replayed would be more),
+        # and no window may look like a tight loop.
+        awake = windows[1:] or windows  # the first one spans the stop: it would hide a burst
+        seconds = sum(w["seconds"] for w in awake)
+        extra = sum(w["reports"] for w in awake) - seconds / report_interval * len(stores)
+        self.assertLessEqual(extra, len(added) * len(stores), windows)
+        self.assertLessEqual(max(rates), 8.0 / report_interval, windows)
         new_conn = sum(log_from(p, m).count("connected to server")
                        for p, m in resumed_mark.items())
         record_figures("server_stopped", dict(
@@ -347,7 +357,8 @@ class ServerFaultTests(TestCase):
             client_retries_during_stop=retries, connections_after_resume=connections,
             sessions_after_resume=new_conn, stores_declared_dead=0,
             reports_per_store_second_idle=round(base_rate, 2),
-            reports_per_store_second_after_resume=[round(r, 2) for r in rates]))
+            reports_per_store_second_after_resume=[round(r, 2) for r in rates],
+            reports_beyond_one_per_store_interval_after_resume=round(extra, 1)))
 
 
     # --- 4 ---------------------------------------------------------------
