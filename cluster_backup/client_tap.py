@@ -41,5 +41,5 @@ def makeService(options: Options) -> IService:
         client = build(options["cluster"], options["host"], reactor)
     except (ConfigError, StoreError, OSError, ValueError) as e:
         raise SystemExit(f"cbackup-client: {e}")
-    reload_on_sighup(reactor, options["config"], options["host"], client, "cbackup-client")
+    reload_on_sighup(reactor, options["config"], client, "cbackup-client")
     return client

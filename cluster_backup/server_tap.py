@@ -51,5 +51,5 @@ def makeService(options: Options) -> IService:
                        legacy_state_dir=None if options["state-dir"] else STATE_ROOT)
     except (ConfigError, ValueError) as e:
         raise SystemExit(f"cbackup-server: {e}")
-    reload_on_sighup(reactor, options["config"], host, server, "cbackup-server")
+    reload_on_sighup(reactor, options["config"], server, "cbackup-server")
     return server

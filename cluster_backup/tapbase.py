@@ -51,7 +51,7 @@ class ClusterOptions(usage.Options):
         """Refuse a host that has nothing to do in this role."""
 
 
-def reload_config(path: str, host: str, daemon, what: str) -> bool:
+def reload_config(path: str, daemon, what: str) -> bool:
     """
     Read the config at C{path} again and hand it to C{daemon.reload}
     (which returns why it cannot apply it, or None).  A config that does
@@ -78,12 +78,12 @@ def reload_config(path: str, host: str, daemon, what: str) -> bool:
     return True
 
 
-def reload_on_sighup(reactor, path: str, host: str, daemon, what: str) -> None:
+def reload_on_sighup(reactor, path: str, daemon, what: str) -> None:
     """SIGHUP: L{reload_config}, logged either way."""
     from cluster_backup.lifecycle import on_sighup
 
     def reload():
         log.info("{what}: SIGHUP: reloading {path}", what=what, path=path)
-        reload_config(path, host, daemon, what)
+        reload_config(path, daemon, what)
 
     on_sighup(reactor, reload)

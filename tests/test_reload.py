@@ -97,7 +97,7 @@ class ServerReloadTests(Daemons):
         path = os.path.join(self.base, "bad.conf")
         with open(path, "w") as f:
             f.write("server: h1:/a\ncopies: many\n")
-        self.assertFalse(reload_config(path, "h1", server, "cbackup-server"))
+        self.assertFalse(reload_config(path, server, "cbackup-server"))
         self.assertEqual(set(server.ledgers), {self.source("a")})
 
 
