@@ -973,7 +973,6 @@ class Client(MultiService):
         self.secret = read_secret(cluster)
         self.busy: set = set()  # shared by the agents: see Agent.busy
         self.agents: list[Agent] = []
-        self.views: dict[str, tuple] = {}
         #: store id -> the stop of its agent a reload ended, until it fires.
         self.stopping: dict[str, Deferred] = {}
         for config in cluster.stores_on(host):
@@ -983,7 +982,9 @@ class Client(MultiService):
         agent = Agent(self.cluster, config, self.host, self.secret, self.reactor, self.busy)
         agent.setServiceParent(self)
         self.agents.append(agent)
-        self.views[agent.id] = _agent_view(self.cluster, config, self.secret)
+
+    def _running(self, store_id: str) -> bool:
+        return any(agent.id == store_id for agent in self.agents)
 
     def reload(self, cluster: Cluster) -> Optional[str]:
         """
@@ -1006,10 +1007,10 @@ class Client(MultiService):
         self.cluster, self.secret = cluster, secret
         for agent in list(self.agents):
             config = configs.get(agent.id)
-            if config is not None and _agent_view(cluster, config, secret) == self.views[agent.id]:
+            if config is not None and (_agent_view(cluster, config, secret)
+                                       == _agent_view(agent.cluster, agent.config, agent.secret)):
                 continue
             self.agents.remove(agent)
-            del self.views[agent.id]
             log.info("{store}: {what}", store=agent.id,
                      what="no longer in the config; stopping" if config is None
                      else "its config changed; restarting it")
@@ -1017,7 +1018,7 @@ class Client(MultiService):
             self.stopping[agent.id] = stopped
             stopped.addBoth(self._stopped, agent.id)
         for store_id, config in configs.items():
-            if store_id not in self.views and store_id not in self.stopping:
+            if not self._running(store_id) and store_id not in self.stopping:
                 log.info("{store}: new in the config; starting", store=store_id)
                 self._add(config)
         return None
@@ -1026,7 +1027,7 @@ class Client(MultiService):
         """An agent a reload stopped is gone: start it again if its store stays."""
         del self.stopping[store_id]
         for config in self.cluster.stores_on(self.host):
-            if config.id == store_id and store_id not in self.views:
+            if config.id == store_id and not self._running(store_id):
                 self._add(config)
 
 
