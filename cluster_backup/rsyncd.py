@@ -215,14 +215,19 @@ def render_config(
 
 #: The prefix of a line rsync writes to its log file: date, time, [pid].
 _LOG_PREFIX = re.compile(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d \[(\d+)\] ")
+#: Lines every connection writes that say nothing the transfer line does not.
+_CHATTER = re.compile(r"^(connect from |rsync allowed access |building file list$|"
+                      r"name lookup failed)")
+_TRANSFER = re.compile(r"^rsync on ")
+_TOTALS = re.compile(r"^sent \d+ bytes  received \d+ bytes")
+
 #: The level of a daemon's log line, by its text (rsync 3.x wording): the
 #: first that matches, else info.
 _LINE_LEVELS = (
     # Every connection writes these: debug, or they would flood the log.
     # First, since they carry a client's words (a path may say "error").
-    (LogLevel.debug, re.compile(
-        r"^(connect from |rsync allowed access |rsync on |building file list$|"
-        r"sent \d+ bytes  received \d+ bytes|name lookup failed)")),
+    (LogLevel.debug, re.compile("|".join(
+        p.pattern for p in (_CHATTER, _TRANSFER, _TOTALS)))),
     # The daemon cannot serve at all.
     (LogLevel.error, re.compile(
         r"bind\(\) failed|unable to bind|pid file|failed to parse config|"
@@ -241,13 +246,6 @@ def daemon_line_level(text: str) -> LogLevel:
         if pattern.search(words):
             return level
     return LogLevel.info
-
-
-#: Lines every connection writes that say nothing the transfer line does not.
-_CHATTER = re.compile(r"^(connect from |rsync allowed access |building file list$|"
-                      r"name lookup failed)")
-_TRANSFER = re.compile(r"^rsync on ")
-_TOTALS = re.compile(r"^sent \d+ bytes  received \d+ bytes")
 
 
 class DaemonLog:
@@ -371,6 +369,8 @@ class RsyncDaemon(Service):
         self._port = port
         self._user = user
         self._host = host
+        self._passwords: dict[str, str] = {}
+        self._daemon_log = DaemonLog()
         root = os.geteuid() == 0
         if chroot is None:
             chroot = root
@@ -406,7 +406,7 @@ class RsyncDaemon(Service):
             name = module_name(path)
             if modules.setdefault(name, path) != path:
                 raise ValueError(f"sources {path!r} and {modules[name]!r} clash")
-        old = getattr(self, "_passwords", {})
+        old = self._passwords
         self._config = render_config(
             self._state_dir, self._address, self._port, modules, self._user, **self._render)
         self._modules = modules
@@ -468,11 +468,7 @@ class RsyncDaemon(Service):
         log.info("rsync daemon started on {address}:{port} (pid {pid})",
                  address=self._address, port=self._port, pid=self._process.pid)
 
-    _daemon_log: Optional["DaemonLog"] = None
-
     def _output(self, line: bytes) -> None:
-        if self._daemon_log is None:
-            self._daemon_log = DaemonLog()
         self._daemon_log.line(line)
 
     def _ended(self, status) -> None:
