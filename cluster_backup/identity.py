@@ -148,13 +148,13 @@ def listen_address(
             return None, (f"host {host}'s address {address} is not an address of this "
                           "machine (is this the right host? see --host)")
         return address, None
-    found = [a for a in resolve(address) if is_local(a)]
+    found = sorted((a for a in resolve(address) if is_local(a)),
+                   key=lambda a: (_ip(a).version, a))  # IPv4 first
     outside = [a for a in found if not _ip(a).is_loopback]
-    outside.sort(key=lambda a: (_ip(a).version, a))
     if outside:
         return outside[0], None
     if found and address.lower() in ("localhost", "localhost.localdomain"):
-        return sorted(found, key=lambda a: (_ip(a).version, a))[0], None  # asked for
+        return found[0], None  # asked for
     if found:
         return None, (f"host {host} resolves here only to {', '.join(found)} (loopback, "
                       "as /etc/hosts may write a machine's own name): other hosts could "
