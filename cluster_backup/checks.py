@@ -7,10 +7,10 @@ names), returning plain sentences.
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Callable, Mapping, Optional
 
 from cluster_backup.config import Cluster
+from cluster_backup.identity import as_ip
 from cluster_backup.units import human_size
 
 
@@ -129,14 +129,6 @@ def secret_file_warnings(path: str, mode: int) -> list[str]:
             f"every source; chmod 600 {path}"]
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    return True
-
-
 def unresolved_warnings(cluster: Cluster, resolve: Callable[[str], object]) -> list[str]:
     """
     The hosts without C{address:} whose name does not resolve: C{resolve}
@@ -146,7 +138,7 @@ def unresolved_warnings(cluster: Cluster, resolve: Callable[[str], object]) -> l
     """
     out = []
     for host in cluster.hosts():
-        if cluster.address_of(host) != host or _is_ip(host):
+        if cluster.address_of(host) != host or as_ip(host) is not None:
             continue
         try:
             resolve(host)

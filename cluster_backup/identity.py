@@ -109,7 +109,8 @@ def identify_or_none(cluster: Cluster, name: Optional[str] = None) -> Optional[s
         return None
 
 
-def _ip(text: str) -> Optional[ipaddress._BaseAddress]:
+def as_ip(text: str) -> Optional[ipaddress._BaseAddress]:
+    """C{text} as an IP address (brackets of an IPv6 host name allowed), or None."""
     try:
         return ipaddress.ip_address(text.strip("[]"))
     except ValueError:
@@ -142,15 +143,15 @@ def listen_address(
     if cluster.options.listen == "*":
         return None, None
     address = cluster.address_of(host)
-    if _ip(address) is not None:
+    if as_ip(address) is not None:
         address = address.strip("[]")
         if not is_local(address):
             return None, (f"host {host}'s address {address} is not an address of this "
                           "machine (is this the right host? see --host)")
         return address, None
     found = sorted((a for a in resolve(address) if is_local(a)),
-                   key=lambda a: (_ip(a).version, a))  # IPv4 first
-    outside = [a for a in found if not _ip(a).is_loopback]
+                   key=lambda a: (as_ip(a).version, a))  # IPv4 first
+    outside = [a for a in found if not as_ip(a).is_loopback]
     if outside:
         return outside[0], None
     if found and address.lower() in ("localhost", "localhost.localdomain"):
