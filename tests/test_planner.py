@@ -260,10 +260,18 @@ class PropertyTests(unittest.SynchronousTestCase):
                         and (o.source, o.path) not in args["no_drop"]),
                        key=lambda o: (o.since, o.source, o.path))
         self.assertEqual(deleted, {(o.source, o.path) for o in old})
-        asked = [o for o in young if (o.source, o.path) in {(d.source, d.path)
-                                                             for d in p.drops}]
-        # oldest first
-        self.assertEqual(asked, young[: len(asked)])
+        # A file below its copies asks first for its own old versions (rule
+        # 7), then for the others oldest first: those others are the oldest
+        # of the young orphans not asked as someone's own version.
+        by_key = {(o.source, o.path): o for o in young}
+        asked = [(by_key[(d.source, d.path)], d) for d in p.drops
+                 if (d.source, d.path) in by_key]
+        own = {id(o) for o, d in asked if o.of is not None
+               and (o.source, o.of) == (d.for_source, d.for_path)}
+        others = sorted((o for o, d in asked if id(o) not in own),
+                        key=lambda o: (o.since, o.source, o.path))
+        rest = [o for o in young if id(o) not in own]
+        self.assertEqual(others, rest[: len(others)])
 
 
 class ReferenceTests(unittest.SynchronousTestCase):
