@@ -33,7 +33,7 @@ def makeService(options: Options) -> IService:
     """
     from twisted.internet import reactor
 
-    from cluster_backup.client import build
+    from cluster_backup.client_service import build
     from cluster_backup.config import ConfigError
     from cluster_backup.store import StoreError
 

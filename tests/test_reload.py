@@ -11,7 +11,7 @@ import os
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from cluster_backup.client import Client
+from cluster_backup.client_service import Client
 from cluster_backup.config import loads
 from cluster_backup.server import Server
 from cluster_backup.tapbase import reload_config
